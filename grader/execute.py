@@ -1,0 +1,826 @@
+"""Run one student notebook: injected cells, time and memory budgets, output cap, failures.
+
+A run executes a copy of the student's notebook in a fresh kernel (sandboxed by
+``grader.sandbox`` when bubblewrap works here), cell by cell, so that it knows which
+cell failed and can still dump the kernel's state after a failure. Cells the grader
+adds are tagged ``slimgrade-injected``:
+
+1. first, ``grader.runtime.install(config)``: Colab shims, device, data;
+2. the profile's parameters as literals, after the cell tagged ``parameters``, or,
+   when no cell has that tag, after every code cell that assigns one of
+   ``KNOWN_PARAMETERS`` (a cell that assigns one twice is followed once); when no cell
+   assigns any, right after the first injected cell;
+3. last, ``grader.runtime.dump_state(globals(), ...)``, run even after a failing cell.
+
+Budgets: a cell may run ``profile.cell_timeout_s`` and the student's cells together
+``profile.run_timeout_s`` (the grader's own cells and the kernel start are not
+counted); the kernel's process tree may use ``profile.memory_limit_mb``; the executed
+notebook keeps at most ``profile.output_limit_bytes`` of output.
+
+In ``Failure`` and ``RunResult``, cell indices are 0-based positions in the *student's*
+notebook (markdown cells included); failure messages count cells from 1, as a reader does.
+"""
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import psutil
+from nbclient import NotebookClient
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from nbformat import NotebookNode
+
+from grader import sandbox
+from grader.sandbox import KernelPlace, StudentKernelManager
+from reference.profiles import Profile
+
+log = logging.getLogger(__name__)
+
+KNOWN_PARAMETERS = ("LAMBDA", "SPARSITY_REGULARIZATION", "SEED", "TRAIN_BATCH_SIZE",
+                    "TEST_BATCH_SIZE", "EPOCHS", "LEARNING_RATE", "MOMENTUM", "WEIGHT_DECAY",
+                    "CUDA", "RESUME", "WEIGHT_PATH", "PRUNE_PATH", "PRUNE_FINETUNE_PATH",
+                    "PRUNE_PERCENT", "DATA_ROOT", "DEVICE", "MIN_CHANNELS")
+INJECTED_TAG = "slimgrade-injected"
+PARAMETERS_TAG = "parameters"
+STATE_FILE = "slimgrade_state.json"
+PRIVATE_DIR = ".slimgrade"  # inside the work dir: the kernel's HOME, its log, its sockets
+KERNEL_LOG = "kernel.log"
+FAILURE_KINDS = ("timeout", "out-of-memory", "kernel-died", "exception", "missing-artifact")
+# The grader's own cells: importing torch and reading CIFAR-10 can take a while on a
+# loaded machine; dumping the state takes well under a second, unless the kernel is
+# still stuck in a cell that ignored the interrupt.
+INSTALL_TIMEOUT_S = 300
+DUMP_TIMEOUT_S = 20
+KERNEL_START_TIMEOUT_S = 120
+WATCH_INTERVAL_S = 0.2
+PROPORTIONAL_INTERVAL_S = 1.0
+ERROR_TAIL_LINES = 15
+# sun_path holds 108 bytes; the ipc sockets are named <socket_dir>/kernel-<n>.
+MAX_SOCKET_PATH = 100
+MESSAGE_VALUE_CHARS = 300
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\))")
+_CARRIAGE_RETURN = re.compile(r".*\r(?=[^\n])")
+_BACKSPACE = re.compile("[^\n]\x08")
+
+TRUSTED_MODELS_INIT = "from .vgg import vgg, defaultcfg\n\n__all__ = ['vgg', 'defaultcfg']\n"
+TRUSTED_VGG = '''"""The lab's VGG, supplied by the grader in place of the submitted models/ folder.
+
+It is reference.model.vgg; only the default layout follows the grading profile
+(every width divided by {width_divisor}), so vgg() builds the network the expected bundle used.
+"""
+from reference.model import scaled_cfg
+from reference.model import vgg as _ReferenceVGG
+
+__all__ = ['vgg', 'defaultcfg']
+
+defaultcfg = scaled_cfg({width_divisor})
+
+
+class vgg(_ReferenceVGG):
+    def __init__(self, dataset='cifar10', init_weights=True, cfg=None):
+        super().__init__(dataset=dataset, init_weights=init_weights,
+                         cfg=list(defaultcfg) if cfg is None else cfg)
+'''
+
+
+class HarnessError(RuntimeError):
+    """The grader could not run a notebook for a reason that is not the student's."""
+
+
+@dataclass
+class RunSpec:
+    run_id: str  # "sparsity", "prune-0.5", "chained-vggprune", ...
+    notebook: Path  # the student's notebook file, read only
+    work_dir: Path  # private folder of this run; the caller has placed input checkpoints in it
+    parameters: dict[str, object]  # injected as literals, e.g. {"LAMBDA": 0.005, "EPOCHS": 12}
+    profile: Profile
+    data_root: Path | None = None
+    # Injected as ``NAME = NAME * factor`` when NAME holds a number, after the cells that
+    # assign NAME: the student's own LAMBDA in chained runs.
+    scale: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    threads: int = 1
+    expected_artifacts: list[str] = field(default_factory=list)  # relative to work_dir
+    sandbox: bool | None = None  # None: bubblewrap when available
+
+
+@dataclass
+class Failure:
+    notebook: str
+    kind: str  # one of FAILURE_KINDS
+    message: str  # one sentence for the student
+    cell_index: int | None  # 0-based, in the student's notebook
+    error_tail: str = ""  # last lines of the traceback, without colour codes
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    notebook: str
+    executed_notebook: Path  # work_dir / "executed_<name>", outputs kept, injected cells tagged
+    failure: Failure | None
+    state: dict  # what dump_state wrote; {} when it did not complete
+    stdout_text: str  # all stream output of the student's cells, within the output cap
+    images: list[int]  # student cells that displayed an image/png
+    duration_s: float
+    output_truncated: bool
+    cell_seconds: list[float]  # one per cell of the student's notebook; 0.0 when not run
+
+
+def run_notebook(spec: RunSpec) -> RunResult:
+    """Execute ``spec.notebook`` once; student problems come back as ``RunResult.failure``.
+
+    Raises ``HarnessError`` only when the grader itself cannot run the notebook
+    (no kernel, the runtime's install cell failing, a sandbox that was required but is
+    missing). Must not be called from a running event loop.
+    """
+    started = time.monotonic()
+    name = spec.notebook.name
+    work_dir = spec.work_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    executed_path = work_dir / f"executed_{name}"
+    try:
+        student_nb = read_notebook(spec.notebook)
+    except Exception as error:  # any unreadable file is the submission's problem
+        nbformat.write(nbformat.v4.new_notebook(), executed_path)
+        reason = _first_line(str(error)) or type(error).__name__
+        failure = Failure(name, "exception", f"{name} could not be read as a notebook: {reason}.",
+                          None, "")
+        return RunResult(spec.run_id, name, executed_path, failure, {}, "", [],
+                         time.monotonic() - started, False, [])
+    run = _Run(spec, student_nb, choose_sandbox(spec.sandbox))
+    try:
+        run.prepare()
+        asyncio.run(run.execute())
+    finally:
+        run.cleanup()
+    nbformat.write(run.plan.nb, executed_path)
+    return run.result(executed_path, time.monotonic() - started)
+
+
+def read_notebook(path: Path) -> NotebookNode:
+    """The notebook as nbformat 4.5 (cell ids), whatever minor version it was saved in."""
+    nb = nbformat.read(path, as_version=4)
+    return nbformat.v4.upgrade(nb, from_version=4, from_minor=nb.nbformat_minor)
+
+
+def write_trusted_models(work_dir: Path, width_divisor: int) -> None:
+    """``models/`` with the grader's VGG, replacing whatever the submission brought."""
+    models = work_dir / "models"
+    if models.is_symlink() or models.is_file():
+        models.unlink()
+    elif models.is_dir():
+        shutil.rmtree(models)
+    models.mkdir()
+    (models / "__init__.py").write_text(TRUSTED_MODELS_INIT)
+    (models / "vgg.py").write_text(TRUSTED_VGG.format(width_divisor=int(width_divisor)))
+
+
+def assigned_names(source: str) -> set[str]:
+    """Names a cell binds at module level (inside if/for/with/try too, not in def/class).
+
+    Lines starting with % or ! (IPython magics, shell commands) are dropped before
+    parsing; a cell that still does not parse binds nothing we can see.
+    """
+    code = "\n".join(line for line in source.splitlines()
+                     if not line.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    _collect_bindings(tree.body, names)
+    return names
+
+
+def _collect_bindings(statements: Iterable[ast.stmt], names: set[str]) -> None:
+    for node in statements:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                names |= _target_names(target)
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign, ast.For, ast.AsyncFor)):
+            names |= _target_names(node.target)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        for block in ("body", "orelse", "finalbody"):
+            _collect_bindings(getattr(node, block, []), names)
+        for handler in getattr(node, "handlers", []):
+            _collect_bindings(handler.body, names)
+        for case in getattr(node, "cases", []):
+            _collect_bindings(case.body, names)
+
+
+def _target_names(target: ast.expr) -> set[str]:
+    if isinstance(target, ast.Name):
+        return {target.id}
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_target_names(element) for element in target.elts))
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    return set()
+
+
+def parameters_source(parameters: dict[str, object], scale: dict[str, float]) -> str:
+    """The code of one injected parameters cell; every value must survive repr -> literal_eval."""
+    lines = ["# Injected by slimgrade: the grading profile's parameters."]
+    for name, value in parameters.items():
+        if not name.isidentifier():
+            raise ValueError(f"parameter name {name!r} is not a Python identifier")
+        text = repr(value)
+        try:
+            same = ast.literal_eval(text) == value
+        except (ValueError, SyntaxError):
+            same = False
+        if not same:
+            raise ValueError(f"parameter {name}={value!r} is not a plain literal")
+        lines.append(f"{name} = {text}")
+    for name, factor in scale.items():
+        if not name.isidentifier():
+            raise ValueError(f"scaled name {name!r} is not a Python identifier")
+        lines.append(f"if isinstance(globals().get({name!r}), (int, float)) "
+                     f"and not isinstance({name}, bool):")
+        lines.append(f"    {name} = {name} * {float(factor)!r}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Plan:
+    """The notebook to execute and, for each of its cells, where it came from."""
+
+    nb: NotebookNode
+    origin: list[int | None]  # position in the student's notebook; None for injected cells
+    follows: list[int | None]  # for injected parameter cells: the student cell they follow
+    install_position: int
+    dump_position: int
+
+
+def plan_notebook(student_nb: NotebookNode, install_code: str, dump_code: str,
+                  parameters: dict[str, object], scale: dict[str, float]) -> Plan:
+    """The student's cells (outputs cleared) with the grader's cells around and between them."""
+    nb = nbformat.from_dict(student_nb)
+    student_cells = nb.cells
+    tagged = [i for i, cell in enumerate(student_cells)
+              if cell.cell_type == "code" and PARAMETERS_TAG in cell.metadata.get("tags", [])]
+    inject_after: dict[int, dict[str, float]] = {}
+    if tagged:
+        inject_after[tagged[0]] = dict(scale)
+    else:
+        for i, cell in enumerate(student_cells):
+            if cell.cell_type != "code":
+                continue
+            bound = assigned_names(cell.source)
+            if bound & set(KNOWN_PARAMETERS):
+                inject_after[i] = {k: v for k, v in scale.items() if k in bound}
+    wants_parameters = bool(parameters or scale)
+    cells = [_injected_cell(install_code)]
+    origin: list[int | None] = [None]
+    follows: list[int | None] = [None]
+    if wants_parameters and not inject_after:
+        cells.append(_injected_cell(parameters_source(parameters, {})))
+        origin.append(None)
+        follows.append(None)
+    for i, cell in enumerate(student_cells):
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+        cells.append(cell)
+        origin.append(i)
+        follows.append(None)
+        if wants_parameters and i in inject_after:
+            cells.append(_injected_cell(parameters_source(parameters, inject_after[i])))
+            origin.append(None)
+            follows.append(i)
+    cells.append(_injected_cell(dump_code))
+    origin.append(None)
+    follows.append(None)
+    nb.cells = cells
+    return Plan(nb, origin, follows, 0, len(cells) - 1)
+
+
+def _injected_cell(source: str) -> NotebookNode:
+    return nbformat.v4.new_code_cell(source, metadata={"tags": [INJECTED_TAG]})
+
+
+def choose_sandbox(requested: bool | None) -> bool:
+    """Whether to sandbox: as requested, or when unspecified, whenever bubblewrap works here."""
+    if requested is False:
+        return False
+    if sandbox.sandbox_available():
+        return True
+    if requested:
+        raise HarnessError(f"This run requires the bubblewrap sandbox, which does not work here: "
+                           f"{sandbox.INSTALL_HINT}.")
+    sandbox.warn_unsandboxed_once()
+    return False
+
+
+class OutputCappedClient(NotebookClient):
+    """NotebookClient that keeps at most ``limit_bytes`` of output in the notebook.
+
+    Stream text is merged into the cell's previous stream output as it arrives and
+    carriage returns are resolved there, so progress bars cost only what they finally
+    show. Past the limit, outputs are dropped (errors excepted) and one line says so.
+    Cells that display an image/png are recorded even when the image itself is dropped.
+    """
+
+    def __init__(self, nb: NotebookNode, limit_bytes: int, **kwargs: object) -> None:
+        super().__init__(nb, **kwargs)
+        self.limit_bytes = limit_bytes
+        self.kept_bytes = 0
+        self.truncated = False
+        self.image_positions: set[int] = set()
+        self.clear_before_next_output = False  # nbclient sets it per cell; defined before any
+
+    def output(self, outs: list[NotebookNode], msg: dict, display_id: str | None,
+               cell_index: int) -> NotebookNode | None:
+        msg_type = msg["msg_type"]
+        content = msg["content"]
+        if msg_type in ("display_data", "execute_result") and "image/png" in content.get("data", {}):
+            self.image_positions.add(cell_index)
+        if msg_type == "error" or self.output_hook_stack[msg["parent_header"].get("msg_id")]:
+            return super().output(outs, msg, display_id, cell_index)
+        if self.truncated:
+            return None
+        if msg_type == "stream":
+            if self.clear_before_next_output:  # clear_output(wait=True), as nbclient does it
+                outs[:] = []
+                self.clear_display_id_mapping(cell_index)
+                self.clear_before_next_output = False
+            return self._keep_stream(outs, content.get("name", "stdout"), content.get("text", ""))
+        size = len(json.dumps(content.get("data", {})))
+        if self.kept_bytes + size > self.limit_bytes:
+            self._cut(outs)
+            return None
+        self.kept_bytes += size
+        return super().output(outs, msg, display_id, cell_index)
+
+    def _keep_stream(self, outs: list[NotebookNode], name: str, text: str) -> NotebookNode | None:
+        room = self.limit_bytes - self.kept_bytes
+        encoded = text.encode("utf-8", "replace")
+        cut = len(encoded) > room
+        if cut:
+            text = encoded[:max(room, 0)].decode("utf-8", "ignore")
+        if outs and outs[-1].get("output_type") == "stream" and outs[-1].get("name") == name:
+            out = outs[-1]
+            before = len(out.text.encode("utf-8", "replace"))
+            out.text = _resolve_control_characters(out.text + text)
+            self.kept_bytes += len(out.text.encode("utf-8", "replace")) - before
+        else:
+            out = nbformat.v4.new_output("stream", name=name,
+                                         text=_resolve_control_characters(text))
+            outs.append(out)
+            self.kept_bytes += len(out.text.encode("utf-8", "replace"))
+        if cut:
+            self._cut(outs)
+        return out
+
+    def _cut(self, outs: list[NotebookNode]) -> None:
+        self.truncated = True
+        last = outs[-1] if outs else None
+        newline = "\n" if last is not None and last.get("output_type") == "stream" \
+            and last.text and not last.text.endswith("\n") else ""
+        outs.append(nbformat.v4.new_output(
+            "stream", name="stderr",
+            text=f"{newline}[slimgrade: output cut after {self.limit_bytes} bytes]\n"))
+
+
+def _resolve_control_characters(text: str) -> str:
+    if "\r" not in text and "\x08" not in text:
+        return text
+    previous = None
+    while previous != text:
+        previous = text
+        text = _BACKSPACE.sub("", text)
+    return _CARRIAGE_RETURN.sub("", text)
+
+
+class MemoryWatch(threading.Thread):
+    """Kills the kernel's process tree once its memory passes ``limit_bytes``.
+
+    What counts is the tree's anonymous and shared-memory pages (the heap, tensors,
+    /dev/shm), not the mapped libraries: torch's libraries alone are half a gigabyte
+    of file-backed pages shared with every other kernel and the grader. Pages a forked
+    DataLoader worker still shares copy-on-write with the kernel count once: the cheap
+    per-process sum (``quick_memory``) counts them in every process, so when it says
+    "over", the proportional count (``proportional_memory``, which walks page tables and
+    costs milliseconds) decides, at most once a second.
+    """
+
+    def __init__(self, root: psutil.Process, limit_bytes: int) -> None:
+        super().__init__(name="slimgrade-memory-watch", daemon=True)
+        self.root = root
+        self.limit_bytes = limit_bytes
+        self.exceeded = False
+        self._stop_event = threading.Event()
+        self._next_proportional = 0.0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(WATCH_INTERVAL_S):
+            processes = process_tree(self.root)
+            if not processes:
+                return
+            if quick_memory(processes) <= self.limit_bytes:
+                continue
+            now = time.monotonic()
+            if now < self._next_proportional:
+                continue
+            self._next_proportional = now + PROPORTIONAL_INTERVAL_S
+            if proportional_memory(processes) > self.limit_bytes:
+                self.exceeded = True
+                kill_processes(processes)
+                return
+
+
+def process_tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def quick_memory(processes: list[psutil.Process]) -> int:
+    """Sum of RssAnon + RssShmem (from /proc/<pid>/status); an upper bound of the real use."""
+    total = 0
+    for process in processes:
+        fields = _proc_kib(process.pid, "status", ("RssAnon", "RssShmem"))
+        if fields is None:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        else:
+            total += sum(fields.values()) * 1024
+    return total
+
+
+def proportional_memory(processes: list[psutil.Process]) -> int:
+    """Sum of Pss_Anon + Pss_Shmem (from /proc/<pid>/smaps_rollup): shared pages split fairly."""
+    total = 0
+    for process in processes:
+        fields = _proc_kib(process.pid, "smaps_rollup", ("Pss_Anon", "Pss_Shmem"))
+        total += sum(fields.values()) * 1024 if fields is not None \
+            else quick_memory([process])
+    return total
+
+
+def _proc_kib(pid: int, name: str, keys: tuple[str, ...]) -> dict[str, int] | None:
+    """The ``keys`` of /proc/<pid>/<name> in KiB; None where the file or a key is missing."""
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/{name}", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    values[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return values if len(values) == len(keys) else None
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+
+
+class _Run:
+    """The state of one notebook run, from preparing the work dir to the RunResult."""
+
+    def __init__(self, spec: RunSpec, student_nb: NotebookNode, sandboxed: bool) -> None:
+        self.spec = spec
+        self.name = spec.notebook.name
+        self.student_nb = student_nb
+        self.sandboxed = sandboxed
+        self.work_dir = spec.work_dir.resolve()
+        self.private = self.work_dir / PRIVATE_DIR
+        self.temporary_socket_dir: Path | None = None
+        self.failure: Failure | None = None
+        self.state: dict = {}
+        self.cell_seconds = [0.0] * len(student_nb.cells)
+        self.plan = plan_notebook(student_nb, self._install_code(), self._dump_code(),
+                                  spec.parameters, spec.scale)
+        self.client: OutputCappedClient | None = None
+
+    def _install_code(self) -> str:
+        spec = self.spec
+        config = {"work_dir": str(self.work_dir), "device": spec.device,
+                  "dataset": spec.profile.dataset,
+                  "data_root": None if spec.data_root is None else str(spec.data_root.resolve()),
+                  "width_divisor": spec.profile.width_divisor, "state_file": STATE_FILE,
+                  "threads": spec.threads}
+        return f"import grader.runtime as _slimgrade\n_slimgrade.install({config!r})\n"
+
+    @staticmethod
+    def _dump_code() -> str:
+        return ("import grader.runtime as _slimgrade\n"
+                f"_slimgrade.dump_state(globals(), {STATE_FILE!r})\n")
+
+    def prepare(self) -> None:
+        if self.private.exists():
+            shutil.rmtree(self.private)
+        (self.private / "home").mkdir(parents=True)
+        (self.work_dir / STATE_FILE).unlink(missing_ok=True)
+        write_trusted_models(self.work_dir, self.spec.profile.width_divisor)
+        socket_dir = self.private
+        if len(str(socket_dir / "kernel-00")) > MAX_SOCKET_PATH:
+            self.temporary_socket_dir = Path(tempfile.mkdtemp(prefix="slimgrade-"))
+            socket_dir = self.temporary_socket_dir
+        self.place = KernelPlace(self.work_dir, socket_dir, self.spec.data_root,
+                                 self.spec.device, self.sandboxed)
+        if self.sandboxed:
+            sandbox.hand_over(self.work_dir)
+            if self.temporary_socket_dir is not None:
+                sandbox.hand_over(self.temporary_socket_dir)
+
+    def cleanup(self) -> None:
+        if self.temporary_socket_dir is not None:
+            shutil.rmtree(self.temporary_socket_dir, ignore_errors=True)
+
+    def kernel_env(self) -> dict[str, str]:
+        """The kernel's whole environment: nothing of the grader's own (tokens, keys) leaks in."""
+        threads = str(self.spec.threads)
+        python_path = sorted({str(folder.parent) for folder in sandbox.package_dirs()})
+        env = {
+            "PATH": os.pathsep.join([str(Path(os.path.abspath(sys.executable)).parent),
+                                     "/usr/local/bin", "/usr/bin", "/bin"]),
+            "HOME": str(self.private / "home"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "PYTHONNOUSERSITE": "1",
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "OPENBLAS_NUM_THREADS": threads,
+            # debugpy warns about frozen modules on every start; it is noise here.
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+        if not self.sandboxed:
+            tmp = self.private / "tmp"
+            tmp.mkdir(exist_ok=True)
+            env["TMPDIR"] = str(tmp)
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        return env
+
+    async def execute(self) -> None:
+        km = StudentKernelManager(self.place)
+        quiet = logging.getLogger(f"{__name__}.nbclient")
+        # nbclient logs every timeout and dead kernel as an error; each is a Failure here.
+        quiet.setLevel(logging.CRITICAL)
+        client = OutputCappedClient(self.plan.nb, self.spec.profile.output_limit_bytes, km=km,
+                                    allow_errors=True, record_timing=True, iopub_timeout=30,
+                                    startup_timeout=KERNEL_START_TIMEOUT_S, log=quiet)
+        self.client = client
+        env = self.kernel_env()
+        log_path = self.private / KERNEL_LOG
+        with open(log_path, "wb") as kernel_log:
+            try:
+                await km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"],
+                                      env=env, cwd=str(self.work_dir), stdout=kernel_log,
+                                      stderr=kernel_log)
+            except Exception as error:
+                raise HarnessError(f"could not start a kernel for {self.name}: {error}") from error
+        root = sandbox.launched_process(km)
+        watch = MemoryWatch(root, self.spec.profile.memory_limit_mb * 1024 * 1024) \
+            if root is not None else None
+        try:
+            if watch is not None:
+                watch.start()
+            try:
+                await client.async_start_new_kernel_client()
+            except Exception as error:
+                raise HarnessError(f"the kernel for {self.name} did not start: {error}; "
+                                   f"its log ends with: {self._log_tail()}") from error
+            await self._run_install(client)
+            timed_out = await self._run_student_cells(client, km, watch)
+            if await km.is_alive():
+                if timed_out:
+                    await km.interrupt_kernel()
+                await self._run_dump(client)
+        finally:
+            if watch is not None:
+                watch.stop()
+            await self._shutdown(client, km, root)
+
+    async def _run_install(self, client: OutputCappedClient) -> None:
+        position = self.plan.install_position
+        cell = self.plan.nb.cells[position]
+        client.timeout = INSTALL_TIMEOUT_S
+        try:
+            await client.async_execute_cell(cell, position)
+        except (CellTimeoutError, DeadKernelError) as error:
+            raise HarnessError(f"the grader's setup cell did not finish for {self.name}: "
+                               f"{error}; kernel log: {self._log_tail()}") from error
+        error_output = _error_output(cell)
+        if error_output is not None:
+            raise HarnessError(f"the grader's setup cell failed for {self.name}:\n"
+                               f"{_traceback_tail(error_output)}")
+
+    async def _run_student_cells(self, client: OutputCappedClient, km: StudentKernelManager,
+                                 watch: MemoryWatch | None) -> bool:
+        """Run every cell between the grader's first and last; True when a timeout stopped them."""
+        profile = self.spec.profile
+        budget_start = time.monotonic()
+        for position in range(self.plan.install_position + 1, self.plan.dump_position):
+            cell = self.plan.nb.cells[position]
+            if cell.cell_type != "code" or not cell.source.strip():
+                continue
+            origin = self.plan.origin[position]
+            reported = origin if origin is not None else self.plan.follows[position]
+            left = profile.run_timeout_s - (time.monotonic() - budget_start)
+            if left <= 0:
+                self.failure = self._timeout_failure(reported, whole_run=True)
+                return True
+            whole_run = left < profile.cell_timeout_s
+            client.timeout = max(1, math.ceil(min(profile.cell_timeout_s, left)))
+            began = time.monotonic()
+            running_before = asyncio.all_tasks()
+            try:
+                await client.async_execute_cell(cell, position)
+            except CellTimeoutError:
+                _cancel_tasks_since(running_before)
+                self.failure = self._timeout_failure(reported, whole_run)
+                return True
+            except DeadKernelError:
+                self.failure = self._death_failure(reported, km, watch)
+                return False
+            finally:
+                if origin is not None:
+                    self.cell_seconds[origin] += time.monotonic() - began
+            error_output = _error_output(cell)
+            if error_output is not None:
+                self.failure = self._exception_failure(error_output, origin, self.plan.follows[position])
+                return False
+        return False
+
+    async def _run_dump(self, client: OutputCappedClient) -> None:
+        position = self.plan.dump_position
+        cell = self.plan.nb.cells[position]
+        client.timeout = DUMP_TIMEOUT_S
+        try:
+            await client.async_execute_cell(cell, position)
+        except (CellTimeoutError, DeadKernelError):
+            return
+        state_path = self.work_dir / STATE_FILE
+        if _error_output(cell) is None and state_path.is_file():
+            try:
+                loaded = json.loads(state_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return
+            if isinstance(loaded, dict):
+                self.state = loaded
+
+    async def _shutdown(self, client: OutputCappedClient, km: StudentKernelManager,
+                        root: psutil.Process | None) -> None:
+        leftovers = process_tree(root) if root is not None else []
+        try:
+            if await km.is_alive():
+                await km.shutdown_kernel(now=True)
+        finally:
+            kill_processes(leftovers)
+            await km.cleanup_resources()
+            if client.kc is not None:
+                client.kc.stop_channels()
+                client.kc = None
+
+    def _cell_label(self, origin: int | None) -> str:
+        return f"cell {origin + 1}" if origin is not None else "the grader's setup"
+
+    def _timeout_failure(self, origin: int | None, whole_run: bool) -> Failure:
+        profile = self.spec.profile
+        label = self._cell_label(origin)
+        if whole_run:
+            message = (f"{self.name}: the notebook used up its time budget of "
+                       f"{profile.run_timeout_s} s in {label}, which was stopped.")
+        else:
+            message = (f"{self.name}: {label} was still running after {profile.cell_timeout_s} s, "
+                       f"the time limit for one cell, and was stopped.")
+        return Failure(self.name, "timeout", message, origin, "")
+
+    def _death_failure(self, origin: int | None, km: StudentKernelManager,
+                       watch: MemoryWatch | None) -> Failure:
+        label = self._cell_label(origin)
+        if watch is not None and watch.exceeded:
+            limit = self.spec.profile.memory_limit_mb
+            return Failure(self.name, "out-of-memory",
+                           f"{self.name}: {label} used more than {limit} MB of memory, the limit "
+                           f"of this grading profile, and the kernel was stopped.", origin, "")
+        status = _exit_status(km)
+        return Failure(self.name, "kernel-died",
+                       f"{self.name}: the Python kernel died while running {label}{status}; "
+                       f"the notebook may call os._exit() or exit(), or crash the interpreter.",
+                       origin, "")
+
+    def _exception_failure(self, error_output: NotebookNode, origin: int | None,
+                           follows: int | None) -> Failure:
+        ename = error_output.get("ename", "Exception")
+        evalue = _first_line(_strip_ansi(str(error_output.get("evalue", ""))))
+        if len(evalue) > MESSAGE_VALUE_CHARS:
+            evalue = evalue[:MESSAGE_VALUE_CHARS] + "..."
+        raised = f"{ename}: {evalue}" if evalue else ename
+        if origin is None:
+            where = self._cell_label(follows)
+            message = f"{self.name}: the grader's parameter cell after {where} raised {raised}."
+            return Failure(self.name, "exception", message, follows, _traceback_tail(error_output))
+        message = f"{self.name}: {self._cell_label(origin)} raised {raised}"
+        if not message.endswith((".", "!", "?")):
+            message += "."
+        return Failure(self.name, "exception", message, origin, _traceback_tail(error_output))
+
+    def _log_tail(self) -> str:
+        try:
+            data = (self.private / KERNEL_LOG).read_bytes()[-2000:]
+        except OSError:
+            return "(no kernel log)"
+        return data.decode("utf-8", "replace").strip() or "(empty)"
+
+    def result(self, executed_path: Path, duration_s: float) -> RunResult:
+        if self.failure is None:
+            missing = [name for name in self.spec.expected_artifacts
+                       if not (self.work_dir / name).exists()]
+            if missing:
+                self.failure = Failure(
+                    self.name, "missing-artifact",
+                    f"{self.name} ran without errors but did not write {', '.join(missing)}.",
+                    None, "")
+        client = self.client
+        truncated = client.truncated if client is not None else False
+        image_positions = client.image_positions if client is not None else set()
+        images = sorted({self.plan.origin[p] for p in image_positions
+                         if self.plan.origin[p] is not None})
+        texts = []
+        for position, cell in enumerate(self.plan.nb.cells):
+            if self.plan.origin[position] is None or cell.cell_type != "code":
+                continue
+            texts += [out.get("text", "") for out in cell.get("outputs", [])
+                      if out.get("output_type") == "stream"]
+        return RunResult(self.spec.run_id, self.name, executed_path, self.failure, self.state,
+                         "".join(texts), images, duration_s, truncated, self.cell_seconds)
+
+
+def _cancel_tasks_since(earlier: set[asyncio.Task]) -> None:
+    """Cancel what a timed-out cell left running.
+
+    nbclient keeps the cell's IOPub reader alive after a timeout; it would go on taking
+    (and dropping) the messages of the next cell, which then waits for output that never comes.
+    """
+    for task in asyncio.all_tasks() - earlier:
+        if task is not asyncio.current_task():
+            task.cancel()
+
+
+def _error_output(cell: NotebookNode) -> NotebookNode | None:
+    return next((out for out in cell.get("outputs", []) if out.get("output_type") == "error"),
+                None)
+
+
+def _traceback_tail(error_output: NotebookNode) -> str:
+    text = _strip_ansi("\n".join(error_output.get("traceback", [])))
+    lines = text.splitlines()
+    if not lines:
+        lines = [f"{error_output.get('ename', '')}: {error_output.get('evalue', '')}"]
+    return "\n".join(lines[-ERROR_TAIL_LINES:])
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
+def _exit_status(km: StudentKernelManager) -> str:
+    process = getattr(km.provisioner, "process", None)
+    code = process.poll() if process is not None else None
+    if code is None:
+        return ""
+    # bwrap reports a child killed by signal N as exit status 128 + N.
+    signal_number = -code if code < 0 else code - 128 if code > 128 else None
+    if signal_number is not None:
+        return f" (killed by signal {signal_number})"
+    return f" (exit status {code})"

@@ -1,0 +1,107 @@
+"""Find the three notebooks of a submission (a folder or a .zip) and copy them somewhere private."""
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+NOTEBOOKS = ("sparsity_train", "vggprune", "train_prune_model")
+# Junk that archivers and Jupyter leave beside real notebooks.
+IGNORED_PARTS = {".ipynb_checkpoints", "__MACOSX"}
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+
+
+class PrepareError(Exception):
+    """A submission that cannot be graded at all; the message says which file and what to do."""
+
+
+@dataclass
+class Submission:
+    name: str
+    root: Path  # private copy of the submission
+    notebooks: dict[str, Path | None]
+    refused_entries: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name, path in self.notebooks.items() if path is None]
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def find_notebooks(root: Path) -> dict[str, Path | None]:
+    """Each lab notebook by a loose match of its name (case, separators), shallowest first."""
+    candidates = sorted((p for p in root.rglob("*.ipynb")
+                         if not IGNORED_PARTS & set(p.relative_to(root).parts)),
+                        key=lambda p: (len(p.relative_to(root).parts), str(p)))
+    found: dict[str, Path | None] = {}
+    for name in NOTEBOOKS:
+        exact = [p for p in candidates if _key(p.stem) == _key(name)]
+        loose = [p for p in candidates if _key(name) in _key(p.stem)]
+        found[name] = (exact or loose or [None])[0]
+    return found
+
+
+def safe_extract(archive: Path, target: Path) -> list[str]:
+    """Unpack ``archive`` into ``target``; entries that would land outside it are refused."""
+    refused: list[str] = []
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            total = 0
+            for entry in bundle.infolist():
+                path = PurePosixPath(entry.filename.replace("\\", "/"))
+                is_link = stat.S_ISLNK(entry.external_attr >> 16)
+                if path.is_absolute() or ".." in path.parts or is_link or re.match(r"^[A-Za-z]:", entry.filename):
+                    refused.append(entry.filename)
+                    continue
+                total += entry.file_size
+                if total > MAX_UNPACKED_BYTES:
+                    raise PrepareError(f"{archive.name} unpacks to more than "
+                                       f"{MAX_UNPACKED_BYTES >> 20} MiB: hand in the notebooks "
+                                       "and models/ only, without checkpoints or data.")
+                destination = target.joinpath(*path.parts)
+                if entry.is_dir():
+                    destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with bundle.open(entry) as source, destination.open("wb") as sink:
+                    shutil.copyfileobj(source, sink)
+    except zipfile.BadZipFile:
+        raise PrepareError(f"{archive} is not a readable .zip file: zip the folder again.") from None
+    return refused
+
+
+def _skipped(folder: str, names: list[str]) -> list[str]:
+    """Links (which could point at the grader's files), checkpoints and data are not copied."""
+    return [n for n in names if (Path(folder) / n).is_symlink()
+            or n.endswith((".pth", ".pt", ".tar")) or n == "data"]
+
+
+def prepare(submission: Path, work_root: Path) -> Submission:
+    """A private copy of the submission and where its notebooks are."""
+    submission = Path(submission)
+    if not submission.exists():
+        raise PrepareError(f"{submission} does not exist: give the folder or .zip that holds "
+                           "the three notebooks.")
+    root = work_root / "submission"
+    root.mkdir(parents=True, exist_ok=True)
+    refused: list[str] = []
+    if submission.is_dir():
+        shutil.copytree(submission, root, dirs_exist_ok=True, ignore=_skipped)
+    elif zipfile.is_zipfile(submission):
+        refused = safe_extract(submission, root)
+    else:
+        raise PrepareError(f"{submission} is neither a folder nor a .zip file: give the folder "
+                           "(or .zip) that holds sparsity_train.ipynb, vggprune.ipynb and "
+                           "train_prune_model.ipynb.")
+    notebooks = find_notebooks(root)
+    if not any(notebooks.values()):
+        raise PrepareError(f"{submission} holds none of the lab's notebooks ("
+                           + ", ".join(f"{n}.ipynb" for n in NOTEBOOKS) + "): check the folder.")
+    name = submission.name.removesuffix(".zip")
+    return Submission(name, root, notebooks, refused)

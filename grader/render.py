@@ -1,0 +1,620 @@
+"""result.json, report.html and Gradescope's results.json from one grading's result.
+
+The result dict is the contract (see docs/design.md); any part of it may be
+missing when a stage failed, so everything here reads it defensively and shows
+"not available" instead of failing.
+
+Every string that came from a submission (messages, evidence, tracebacks,
+printed lines, paths, cfg) is untrusted. The HTML is rendered by jinja2 with
+autoescape on and no ``|safe`` anywhere; the page also carries a
+Content-Security-Policy that allows no script, no network and only ``data:``
+images, so it is self-contained: plots are inline PNG data URIs drawn with
+``reference.plots``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+
+from reference import plots
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+NOT_AVAILABLE = "not available"
+
+# Caps on untrusted text shown in the report; a note says when something was cut.
+MESSAGE_CHARS = 2000
+EVIDENCE_ITEMS = 30
+EVIDENCE_DETAILS = 20
+DETAIL_CHARS = 600
+ERROR_TAIL_LINES = 40
+ERROR_TAIL_CHARS = 6000
+PRINTED_LINES = 60
+PRINTED_LINE_CHARS = 300
+COPY_DIFFERENCES = 15
+CFG_CHARS = 400
+GRADESCOPE_OUTPUT_CHARS = 20000
+
+STAGES = ("sparsity_train", "vggprune", "train_prune_model", "chained", "report")
+STAGE_TITLES = {
+    "sparsity_train": "Sparsity training (sparsity_train.ipynb)",
+    "vggprune": "Pruning (vggprune.ipynb)",
+    "train_prune_model": "Fine-tuning (train_prune_model.ipynb)",
+    "chained": "Your own pipeline end to end",
+    "report": "Written report (graded by hand)",
+}
+STATUSES = ("pass", "fail", "error", "skip")
+PRUNE_RATIOS = ("0.5", "0.9")
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------- public API
+
+def render(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write out_dir/result.json and out_dir/report.html; return both paths."""
+    return write_result(result, out_dir), write_report(result, out_dir)
+
+
+def write_result(result: dict, out_dir: Path) -> Path:
+    """out_dir/result.json, written atomically (a temporary file, then os.replace)."""
+    text = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False)
+    return _write_atomically(Path(out_dir) / "result.json", text + "\n")
+
+
+def write_report(result: dict, out_dir: Path) -> Path:
+    """out_dir/report.html: one self-contained page (inline CSS and plots, no script)."""
+    html = report_html(result)
+    return _write_atomically(Path(out_dir) / "report.html", html)
+
+
+def report_html(result: dict) -> str:
+    return _environment().get_template("report.html.j2").render(r=report_view(result))
+
+
+def gradescope_results(result: dict) -> dict:
+    """Gradescope's results.json: one test per check, the diagnoses in the top-level output."""
+    result = _dict(result)
+    tests = []
+    for check in _checks(result):
+        test = {"name": f"{check['title']} [{check['id']}]", "score": check["points"] or 0.0,
+                "max_score": check["max_points"] or 0.0, "output": check["message"]}
+        if check["status"] == "skip":
+            # Graded by hand later: 0/0 here so the autograder neither passes nor fails it.
+            test["max_score"] = 0.0
+            test["output"] = (f"Graded by hand from your report (up to {_points(check['max_points'])} "
+                              f"points). {check['message']}").strip()
+        elif check["status"] == "pass":
+            test["status"] = "passed"
+        else:
+            test["status"] = "failed"
+            if check["status"] == "error":
+                test["output"] = f"Error: {check['message']}"
+        tests.append(test)
+
+    view_summary = _summary(result, _checks(result), _diagnoses(result), _failures(result))
+    lines = [view_summary["score_line"], view_summary["verdict"]]
+    if view_summary["manual_line"]:
+        lines.append(view_summary["manual_line"])
+    for diagnosis in _diagnoses(result):
+        label = "Worth knowing (not your fault)" if diagnosis["severity"] == "info" else "Mistake"
+        lines += ["", f"{label}: {diagnosis['id']} ({diagnosis['stage']})", f"  {diagnosis['message']}"]
+        if diagnosis["hint"]:
+            lines.append(f"  Hint: {diagnosis['hint']}")
+        for item in diagnosis["evidence"]:
+            if item["run"] is None:
+                lines += [f"  - {d}" for d in item["details"]]
+            else:
+                lines.append(f"  - {item['run']}:")
+                lines += [f"      {d}" for d in item["details"]]
+    for failure in _failures(result):
+        lines += ["", f"Failure: {failure['notebook']} ({failure['run']}): {failure['kind']}",
+                  f"  {failure['message']}"]
+    output, cut = _clip("\n".join(lines), GRADESCOPE_OUTPUT_CHARS)
+    if cut:
+        output += "\n[output truncated; see report.html]"
+    return {"score": _number(result.get("score")) or 0.0, "tests": tests, "output": output}
+
+
+# ---------------------------------------------------------------- files
+
+def _write_atomically(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_safe(value: object) -> object:
+    """Plain JSON: non-finite floats become null, tuples lists, unknown objects strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return _json_safe(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["pct"] = _pct
+    env.filters["points"] = _points
+    env.filters["seconds"] = _seconds
+    return env
+
+
+# ---------------------------------------------------------------- small readers
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _text(value: object, limit: int = MESSAGE_CHARS) -> str:
+    """Untrusted text made printable (no ANSI colours, no control characters) and capped."""
+    text, cut = _clip(_plain(value), limit)
+    return text + " [...]" if cut else text
+
+
+def _plain(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(_json_safe(value))
+        except (TypeError, ValueError):
+            value = str(value)
+    return CONTROL_CHARS.sub("", ANSI_ESCAPE.sub("", value))
+
+
+def _clip(text: str, limit: int) -> tuple[str, bool]:
+    return (text, False) if len(text) <= limit else (text[:limit], True)
+
+
+def _pct(value: object) -> str:
+    number = _number(value)
+    return NOT_AVAILABLE if number is None else f"{number:.1f}%"
+
+
+def _fraction(value: object) -> str:
+    number = _number(value)
+    return NOT_AVAILABLE if number is None else f"{100 * number:.0f}%"
+
+
+def _points(value: object) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{round(number, 2):g}"
+
+
+def _seconds(value: object) -> str:
+    number = _number(value)
+    if number is None:
+        return NOT_AVAILABLE
+    return f"{number:.1f} s" if number < 120 else f"{number / 60:.1f} min"
+
+
+def _int_list(value: object) -> list[int] | None:
+    items = _list(value)
+    if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in items):
+        return None
+    return [int(v) for v in items]
+
+
+def _cfg_kept(cfg: object) -> list[int] | None:
+    return _int_list([v for v in _list(cfg) if v != "M"]) if _list(cfg) else None
+
+
+# ---------------------------------------------------------------- the view of a result
+
+def report_view(result: dict) -> dict:
+    """Everything the template shows, already made safe to read: plain strings and numbers."""
+    result = _dict(result)
+    metrics = _dict(result.get("metrics"))
+    checks, diagnoses, failures = _checks(result), _diagnoses(result), _failures(result)
+    submission = _text(result.get("submission"), 300) or NOT_AVAILABLE
+    return {
+        "title": f"slimgrade report: {submission}",
+        "submission": submission,
+        "profile": _text(result.get("profile"), 100) or NOT_AVAILABLE,
+        "graded_at": _text(result.get("graded_at"), 100) or NOT_AVAILABLE,
+        "duration": _seconds(result.get("duration_s")),
+        "version": _text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE,
+        "summary": _summary(result, checks, diagnoses, failures),
+        "stages": _stages(checks),
+        "errors": [d for d in diagnoses if d["severity"] != "info"],
+        "infos": [d for d in diagnoses if d["severity"] == "info"],
+        "pruning": _pruning(metrics),
+        "sparsity": _sparsity(metrics),
+        "accuracy_rows": _accuracy_rows(metrics),
+        "runs": _runs(metrics),
+        "failures": failures,
+        "handed_in": _handed_in(result),
+        "environment": _environment_rows(result),
+        "limits": {"printed": PRINTED_LINES, "copy": COPY_DIFFERENCES,
+                   "tail_lines": ERROR_TAIL_LINES},
+    }
+
+
+def _checks(result: dict) -> list[dict]:
+    checks = []
+    for raw in _list(result.get("checks")):
+        raw = _dict(raw)
+        if not raw:
+            continue
+        status = raw.get("status") if raw.get("status") in STATUSES else "unknown"
+        checks.append({
+            "id": _text(raw.get("id"), 200) or "(no id)",
+            "stage": _text(raw.get("stage"), 100) or "other",
+            "title": _text(raw.get("title"), 300),
+            "status": status,
+            "points": _number(raw.get("points")),
+            "max_points": _number(raw.get("max_points")),
+            "message": _text(raw.get("message")),
+        })
+    return checks
+
+
+def _evidence(raw: object) -> tuple[list[dict], int]:
+    """[{"run": label or None, "details": [str], "hidden": n}], and how many items were left out."""
+    items = _list(raw)
+    shown = []
+    for item in items[:EVIDENCE_ITEMS]:
+        if isinstance(item, dict):
+            details = _list(item.get("details"))
+            if not details and "details" not in item:
+                details = [item]
+            shown.append({"run": _text(item.get("run"), 200) or "run",
+                          "details": [_text(d, DETAIL_CHARS) for d in details[:EVIDENCE_DETAILS]],
+                          "hidden": max(0, len(details) - EVIDENCE_DETAILS)})
+        else:
+            shown.append({"run": None, "details": [_text(item, DETAIL_CHARS)], "hidden": 0})
+    return shown, max(0, len(items) - EVIDENCE_ITEMS)
+
+
+def _diagnoses(result: dict) -> list[dict]:
+    diagnoses = []
+    for raw in _list(result.get("diagnoses")):
+        raw = _dict(raw)
+        if not raw:
+            continue
+        evidence, hidden = _evidence(raw.get("evidence"))
+        diagnoses.append({
+            "id": _text(raw.get("id"), 200) or "(no id)",
+            "stage": _text(raw.get("stage"), 100) or "other",
+            "severity": "info" if raw.get("severity") == "info" else "error",
+            "message": _text(raw.get("message")),
+            "hint": _text(raw.get("hint")),
+            "evidence": evidence,
+            "evidence_hidden": hidden,
+        })
+    return diagnoses
+
+
+def _failures(result: dict) -> list[dict]:
+    failures = []
+    for raw in _list(result.get("failures")):
+        raw = _dict(raw)
+        if not raw:
+            continue
+        tail, note = _tail(raw.get("error_tail"))
+        cell = raw.get("cell_index")
+        failures.append({
+            "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
+            "run": _text(raw.get("run"), 100) or NOT_AVAILABLE,
+            "kind": _text(raw.get("kind"), 100) or "unknown",
+            "message": _text(raw.get("message")),
+            "cell": str(cell) if isinstance(cell, int) and not isinstance(cell, bool) else NOT_AVAILABLE,
+            "tail": tail,
+            "tail_note": note,
+        })
+    return failures
+
+
+def _tail(value: object) -> tuple[str, str]:
+    """The last lines of an error (that is where the cause is), and a note when cut."""
+    if isinstance(value, (list, tuple)):
+        value = "\n".join(_plain(v) for v in value)
+    text = _plain(value).rstrip()
+    lines = text.splitlines()
+    notes = []
+    if len(lines) > ERROR_TAIL_LINES:
+        notes.append(f"{len(lines) - ERROR_TAIL_LINES} earlier lines left out")
+        lines = lines[-ERROR_TAIL_LINES:]
+    text = "\n".join(lines)
+    if len(text) > ERROR_TAIL_CHARS:
+        notes.append(f"{len(text) - ERROR_TAIL_CHARS} earlier characters left out")
+        text = text[-ERROR_TAIL_CHARS:]
+    return text, "; ".join(notes)
+
+
+def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: list[dict]) -> dict:
+    counts = {status: sum(c["status"] == status for c in checks) for status in STATUSES}
+    score, max_score = _number(result.get("score")), _number(result.get("max_score"))
+    manual = _number(result.get("manual_max_points"))
+    if manual is None:
+        manual = sum(c["max_points"] or 0.0 for c in checks if c["status"] == "skip") or None
+    automatic = counts["pass"] + counts["fail"] + counts["error"]
+    mistakes = [d["id"] for d in diagnoses if d["severity"] != "info"]
+    if not checks:
+        verdict = "No check could be run; see the failures below."
+    elif automatic and counts["error"] == automatic:
+        verdict = "None of the notebooks could be graded: they did not run to the end (see Failures)."
+    elif counts["pass"] == automatic and not mistakes and not failures:
+        verdict = "Every automatic check passes."
+    else:
+        parts = [f"{counts['pass']} of {automatic} automatic checks pass"]
+        if mistakes:
+            parts.append(f"mistakes found: {', '.join(mistakes)}")
+        if failures:
+            parts.append(f"{len(failures)} run(s) failed")
+        verdict = "; ".join(parts) + "."
+    level = ("good" if score is not None and max_score and score >= max_score
+             else "bad" if not checks or (automatic and counts["error"] == automatic) else "mixed")
+    score_line = (f"Automatic score: {_points(score)} / {_points(max_score)}"
+                  if score is not None or max_score is not None else "Automatic score: not available")
+    manual_line = (f"Up to {_points(manual)} more points are graded by hand from your written "
+                   f"report (pending)." if manual else "")
+    return {"score": _points(score), "max_score": _points(max_score), "counts": counts,
+            "verdict": verdict, "level": level, "manual": _points(manual) if manual else "",
+            "score_line": score_line, "manual_line": manual_line,
+            "percent": (100.0 * score / max_score) if score is not None and max_score else None}
+
+
+def _stages(checks: list[dict]) -> list[dict]:
+    order = list(STAGES) + sorted({c["stage"] for c in checks} - set(STAGES))
+    stages = []
+    for stage in order:
+        rows = [c for c in checks if c["stage"] == stage]
+        if not rows:
+            continue
+        automatic = [c for c in rows if c["status"] != "skip"]
+        stages.append({
+            "id": stage, "title": STAGE_TITLES.get(stage, stage), "checks": rows,
+            "points": _points(sum(c["points"] or 0.0 for c in automatic)),
+            "max_points": _points(sum(c["max_points"] or 0.0 for c in automatic)),
+            "manual": not automatic,
+        })
+    return stages
+
+
+# ---------------------------------------------------------------- pruning and sparsity
+
+def _data_uri(draw: Callable[[], bytes]) -> str | None:
+    """A PNG data URI, or None when the data cannot be plotted."""
+    try:
+        png = draw()
+    except Exception:  # noqa: BLE001 - a plot is never worth a failed report
+        return None
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _histogram(stats: object) -> dict | None:
+    histogram = _dict(_dict(stats).get("histogram"))
+    counts, edges = _list(histogram.get("counts")), _list(histogram.get("edges"))
+    numbers = counts + edges
+    if (not counts or len(edges) != len(counts) + 1
+            or any(_number(v) is None for v in numbers)):
+        return None
+    return {"counts": [float(v) for v in counts], "edges": [float(v) for v in edges]}
+
+
+def _sparsity(metrics: dict) -> dict:
+    sparsity = _dict(metrics.get("sparsity"))
+    reference = _dict(_dict(metrics.get("reference")).get("sparsity_gamma"))
+    series = {
+        "your lambda run": _dict(_dict(sparsity.get("lambda")).get("gamma")),
+        "reference lambda run": _dict(reference.get("lambda")),
+        "your lambda = 0 run": _dict(_dict(sparsity.get("lambda0")).get("gamma")),
+    }
+    histograms = {label: h for label, stats in series.items() if (h := _histogram(stats))}
+    plot = _data_uri(lambda: plots.gamma_histogram(histograms)) if histograms else None
+    rows = []
+    for label, stats in series.items():
+        below = _dict(stats.get("fraction_below"))
+        rows.append({"label": label, "mean_abs": _fixed(stats.get("mean_abs"), 4),
+                     "below": {t: _fraction(below.get(t)) for t in ("0.001", "0.01", "0.1")}})
+    errors = [f"{name}: {_text(_dict(sparsity.get(name)).get('error'))}"
+              for name in ("lambda", "lambda0") if _dict(sparsity.get(name)).get("error")]
+    return {"plot": plot, "rows": rows, "errors": errors,
+            "missing": [label for label in series if label not in histograms]}
+
+
+def _fixed(value: object, digits: int) -> str:
+    number = _number(value)
+    return NOT_AVAILABLE if number is None else f"{number:.{digits}f}"
+
+
+def _prune_facts(metrics: dict) -> list[tuple[str, str, dict]]:
+    """(label, ratio key, facts) of every vggprune run, isolated first, then chained."""
+    runs = [(f"prune {key}", key, _dict(facts))
+            for key, facts in _dict(metrics.get("prune")).items()]
+    runs += [(f"chained prune {key}", key, _dict(facts))
+             for key, facts in _dict(_dict(metrics.get("chained")).get("prune")).items()]
+    return runs
+
+
+def _pruning(metrics: dict) -> dict:
+    reference = _dict(_dict(metrics.get("reference")).get("prune"))
+    isolated = _dict(metrics.get("prune"))
+    plots_ = []
+    for ratio in PRUNE_RATIOS:
+        facts = _dict(isolated.get(ratio))
+        series: dict[str, list[int]] = {}
+        ref = _int_list(facts.get("reference_kept")) or _int_list(_dict(reference.get(ratio)).get("kept_per_layer"))
+        if ref:
+            series["reference"] = ref
+        yours = _int_list(facts.get("student_kept"))
+        if yours:
+            series["yours (cfg_mask)"] = yours
+        elif (from_cfg := _cfg_kept(facts.get("cfg"))):
+            series["yours (saved cfg)"] = from_cfg
+        uri = _data_uri(lambda s=series: plots.kept_channels(s)) if series else None
+        plots_.append({"ratio": ratio, "uri": uri,
+                       "note": "" if len(series) == 2 else
+                       "only the reference is available" if "reference" in series else
+                       "the reference is not available" if series else ""})
+    runs = []
+    for label, ratio, facts in _prune_facts(metrics):
+        differences = [d for d in _list(facts.get("copy_differences")) if isinstance(d, dict)]
+        problems = [f"{name.replace('_', ' ')}: {_text(facts.get(name))}"
+                    for name in ("error", "checkpoint_error", "thin_error", "run_failure")
+                    if facts.get(name)]
+        ref = _int_list(facts.get("reference_kept"))
+        yours = _int_list(facts.get("student_kept"))
+        runs.append({
+            "label": label,
+            "ratio": ratio,
+            "reference_kept": ", ".join(map(str, ref)) if ref else NOT_AVAILABLE,
+            "student_kept": ", ".join(map(str, yours)) if yours else NOT_AVAILABLE,
+            "kept_match": None if not (ref and yours) else ref == yours,
+            "cfg": _text(facts.get("cfg"), CFG_CHARS) if facts.get("cfg") is not None else NOT_AVAILABLE,
+            "claimed_ratio": _fixed(facts.get("claimed_prune_ratio"), 2),
+            "majority": _fraction(facts.get("majority_fraction")),
+            "mask_strategy": _text(facts.get("mask_strategy"), 100) or NOT_AVAILABLE,
+            "problems": problems,
+            "copy_checked": "copy_differences" in facts,
+            "copy_differences": [{"kind": _text(d.get("kind"), 50),
+                                  "key": _text(d.get("key"), 200),
+                                  "detail": _text(d.get("detail"), DETAIL_CHARS)}
+                                 for d in differences[:COPY_DIFFERENCES]],
+            "copy_hidden": max(0, len(differences) - COPY_DIFFERENCES),
+        })
+    return {"plots": plots_, "runs": runs}
+
+
+def _last_claim(facts: dict) -> object:
+    claims = [c for c in _list(facts.get("claimed_accuracies")) if _number(c) is not None]
+    if claims:
+        return claims[-1]
+    return facts.get("claimed_best_prec1")
+
+
+def _accuracy_rows(metrics: dict) -> list[dict]:
+    reference = _dict(metrics.get("reference"))
+    ref_prune = _dict(reference.get("prune"))
+    band = _number(reference.get("accuracy_band_pct"))
+    chained = _dict(metrics.get("chained"))
+    sparsity = _dict(metrics.get("sparsity"))
+
+    def row(label: str, facts: object, ref: object = None, ref_recal: object = None,
+            ref_note: str = "") -> dict:
+        facts = _dict(facts)
+        measured = _number(facts.get("accuracy"))
+        return {"label": label,
+                "claimed": _pct(_last_claim(facts)),
+                "measured": _pct(measured),
+                "recalibrated": _pct(facts.get("accuracy_recalibrated")),
+                "masked": _pct(facts.get("accuracy_masked_original")),
+                "reference": _pct(ref) + ref_note if _number(ref) is not None else NOT_AVAILABLE,
+                "reference_recalibrated": _pct(ref_recal),
+                "error": _text(facts.get("error") or facts.get("checkpoint_error")
+                               or facts.get("thin_error"), 300)}
+
+    finetune_note = f" (band {band:g} points)" if band is not None else ""
+    rows = [row("sparsity training, your lambda", sparsity.get("lambda"), reference.get("sparsity_accuracy")),
+            row("sparsity training, lambda = 0", sparsity.get("lambda0"))]
+    prune = _dict(metrics.get("prune"))
+    for key in sorted(prune, key=lambda k: (k not in PRUNE_RATIOS, k)):
+        ref = _dict(ref_prune.get(key))
+        rows.append(row(f"pruned {key}", prune[key], ref.get("accuracy_pruned"),
+                        ref.get("accuracy_recalibrated")))
+    rows.append(row("fine-tuned 0.9", metrics.get("finetune"), reference.get("finetune_accuracy"),
+                    ref_note=finetune_note))
+    if chained:
+        lam = _number(chained.get("lambda"))
+        rows.append(row(f"chained: sparsity (lambda {lam:g})" if lam is not None else "chained: sparsity",
+                        chained.get("sparsity")))
+        for key, facts in _dict(chained.get("prune")).items():
+            rows.append(row(f"chained: pruned {_text(key, 20)}", facts))
+        rows.append(row("chained: fine-tuned", chained.get("finetune")))
+    return rows
+
+
+# ---------------------------------------------------------------- runs, handed-in, environment
+
+def _runs(metrics: dict) -> list[dict]:
+    rows = []
+    for run_id, raw in _dict(metrics.get("runs")).items():
+        raw = _dict(raw)
+        images = _list(raw.get("images"))
+        rows.append({"id": _text(run_id, 100), "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
+                     "duration": _seconds(raw.get("duration_s")),
+                     "failed": bool(raw.get("failed")),
+                     "images": len(images),
+                     "truncated": bool(raw.get("output_truncated"))})
+    return rows
+
+
+def _handed_in(result: dict) -> list[dict]:
+    notebooks = []
+    for name, raw in _dict(result.get("handed_in")).items():
+        raw = _dict(raw)
+        printed = _list(raw.get("printed"))
+        lines = [_text(line, PRINTED_LINE_CHARS) for line in printed[:PRINTED_LINES]]
+        notebooks.append({"name": _text(name, 100), "found": bool(raw.get("found")),
+                          "path": _text(raw.get("path"), 500) or NOT_AVAILABLE,
+                          "printed": "\n".join(lines),
+                          "printed_count": len(printed),
+                          "hidden": max(0, len(printed) - PRINTED_LINES)})
+    return notebooks
+
+
+def _environment_rows(result: dict) -> list[tuple[str, str]]:
+    env = _dict(result.get("environment"))
+    sandbox = env.get("sandbox")
+    rows = [("slimgrade", _text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE),
+            ("profile", _text(result.get("profile"), 100) or NOT_AVAILABLE),
+            ("python", _text(env.get("python"), 200) or NOT_AVAILABLE),
+            ("torch", _text(env.get("torch"), 200) or NOT_AVAILABLE),
+            ("platform", _text(env.get("platform"), 300) or NOT_AVAILABLE),
+            ("device", _text(env.get("device"), 100) or NOT_AVAILABLE),
+            ("sandbox", NOT_AVAILABLE if sandbox is None else "yes" if sandbox else
+             "no (the notebooks ran without the sandbox)")]
+    known = {"python", "torch", "platform", "device", "sandbox"}
+    rows += [(_text(k, 100), _text(v, 300)) for k, v in env.items() if k not in known]
+    return rows

@@ -1,0 +1,36 @@
+"""First process inside the sandbox: set the process limit, drop root, then become the kernel.
+
+Usage (built by ``grader.sandbox``)::
+
+    python -m grader.runtime.launch --max-processes N [--user UID:GID] -- COMMAND...
+
+RLIMIT_NPROC is set here, inside bubblewrap, rather than on the bwrap process: in a
+user namespace the limit then counts only the sandbox's own processes, and Linux
+never applies it to root at all, which is why a grader running as root hands the
+kernel to an unprivileged ``--user``.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+
+def main(argv: list[str]) -> None:
+    if "--" not in argv:
+        raise SystemExit("usage: launch --max-processes N [--user UID:GID] -- COMMAND...")
+    split = argv.index("--")
+    options, command = argv[:split], argv[split + 1:]
+    settings = dict(zip(options[::2], options[1::2], strict=True))
+    limit = int(settings["--max-processes"])
+    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    if "--user" in settings:
+        uid, gid = (int(part) for part in settings["--user"].split(":"))
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""VGG for CIFAR, laid out exactly as the lab's ``models/vgg.py``.
+
+The module names (``feature.<i>``, ``classifier``) match the lab's file so that a
+student's checkpoint loads straight into this class.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                              512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+def scaled_cfg(width_divisor: int = 1, base: Sequence[int | str] = VGG19_CFG) -> list[int | str]:
+    """``base`` with every width divided by ``width_divisor`` (at least one channel)."""
+    return [v if v == "M" else max(1, int(v) // width_divisor) for v in base]
+
+
+class vgg(nn.Module):  # noqa: N801 - the lab's class name, kept so notebooks find it
+    def __init__(self, dataset: str = "cifar10", init_weights: bool = True,
+                 cfg: Sequence[int | str] | None = None, width_divisor: int = 1) -> None:
+        super().__init__()
+        if cfg is None:
+            cfg = scaled_cfg(width_divisor)
+        self.cfg = list(cfg)
+        self.feature = make_layers(self.cfg)
+        num_classes = 10 if dataset == "cifar10" else 100
+        self.classifier = nn.Linear(int(self.cfg[-1]), num_classes)
+        if init_weights:
+            self._initialize_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.feature(x)
+        x = nn.functional.avg_pool2d(x, 2)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / n))
+                if m.bias is not None:
+                    m.bias.data.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(0.5)
+                m.bias.data.zero_()
+            elif isinstance(m, nn.Linear):
+                m.weight.data.normal_(0, 0.01)
+                m.bias.data.zero_()
+
+
+def make_layers(cfg: Sequence[int | str]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(v), kernel_size=3, padding=1, bias=False),
+                       nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            in_channels = int(v)
+    return nn.Sequential(*layers)
+
+
+def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def cfg_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[int | str]:
+    """Recover ``cfg`` from tensor shapes (the fine-tune checkpoint stores none).
+
+    Conv, BN and ReLU take three consecutive indices in ``feature``; a max-pool
+    takes one index and has no tensors, so a gap of four between two convs is an 'M'.
+    """
+    conv_indices = sorted(
+        int(key.split(".")[1]) for key, value in state_dict.items()
+        if key.startswith("feature.") and key.endswith(".weight") and value.dim() == 4)
+    if not conv_indices:
+        raise ValueError("no convolution weights under 'feature.' in this state_dict")
+    cfg: list[int | str] = []
+    previous = -3
+    for index in conv_indices:
+        cfg += ["M"] * (index - previous - 3)
+        cfg.append(int(state_dict[f"feature.{index}.weight"].shape[0]))
+        previous = index
+    return cfg
+
+
+def masked_state_dict(state_dict: dict[str, torch.Tensor],
+                      cfg_mask: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with gamma and beta of cut channels set to zero."""
+    masked = {k: v.clone() for k, v in state_dict.items()}
+    bn_prefixes = [k[: -len(".running_var")] for k in state_dict if k.endswith(".running_var")]
+    for prefix, mask in zip(bn_prefixes, cfg_mask, strict=True):
+        keep = mask.to(masked[f"{prefix}.weight"].dtype)
+        masked[f"{prefix}.weight"].mul_(keep)
+        masked[f"{prefix}.bias"].mul_(keep)
+    return masked

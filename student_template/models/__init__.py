@@ -1,0 +1,3 @@
+from .vgg import vgg
+
+__all__ = ['vgg']

@@ -1,0 +1,468 @@
+"""grader/batch.py: a class at once, resumable and kill-safe, with a gradebook and a summary.
+
+The fast tests put a fake grading function in place of the pipeline. Gradings
+run in spawned processes, so the fake lives at module level here (the processes
+import it by name) and talks to the test through files named in environment
+variables: every call appends a line to SLIMGRADE_FAKE_LOG; the submission named
+by SLIMGRADE_FAKE_HANG writes its pid and then sleeps until it is killed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from grader import batch
+from grader.prepare import PrepareError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+RUBRIC = json.loads((ROOT / "grader" / "rubric.json").read_text())
+AUTOMATIC = [item for item in RUBRIC["items"] if not item.get("manual")]
+MANUAL = [item for item in RUBRIC["items"] if item.get("manual")]
+AUTOMATIC_MAX = sum(item["points"] for item in AUTOMATIC)
+HOSTILE_MESSAGE = '<script>alert("pwned")</script> & "quoted" <b onmouseover=x>'
+
+
+# ---------------------------------------------------------------- the fakes (module level: picklable)
+
+def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, workers=2,
+               rubric_path=None, cache_root=None, keep_work=False, on_progress=None) -> dict:
+    """Writes a plausible result.json, report.html and notebooks/ in a blink.
+
+    A submission named ``broken*`` raises PrepareError (no notebooks), ``crash*``
+    kills its own process, ``mutant*`` gets the bn-copy-bug diagnosis, and a
+    ``message.txt`` inside a folder becomes a diagnosis message.
+    """
+    submission_path, out_dir = Path(submission_path), Path(out_dir)
+    name = submission_path.name.removesuffix(".zip")
+    log = os.environ.get("SLIMGRADE_FAKE_LOG")
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"{name} {workers}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "notebooks").mkdir(exist_ok=True)
+    (out_dir / "notebooks" / "sparsity.ipynb").write_text("{}")
+    if name == os.environ.get("SLIMGRADE_FAKE_HANG"):
+        Path(f"{log}.hang-pid").write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.1)
+    if name.startswith("broken"):
+        raise PrepareError(f"{submission_path} holds none of the lab's notebooks "
+                           "(sparsity_train.ipynb, vggprune.ipynb, train_prune_model.ipynb): "
+                           "check the folder.")
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    mutant = name.startswith("mutant")
+    checks = []
+    for item in RUBRIC["items"]:
+        manual = bool(item.get("manual"))
+        wrong = mutant and item["id"] == "blank-copy-bn-stats"
+        checks.append({"id": item["id"], "stage": item["stage"], "title": item["title"],
+                       "status": "skip" if manual else "fail" if wrong else "pass",
+                       "points": 0.0 if manual or wrong else float(item["points"]),
+                       "max_points": float(item["points"]), "message": "fake"})
+    diagnoses = []
+    if mutant:
+        diagnoses.append({"id": "bn-copy-bug", "stage": "vggprune", "severity": "error",
+                          "message": "running stats not copied", "evidence": [], "hint": ""})
+    note = submission_path / "message.txt"
+    if note.is_file():
+        diagnoses.append({"id": "student-said", "stage": "vggprune", "severity": "info",
+                          "message": note.read_text(), "evidence": [], "hint": ""})
+    result = {"submission": name, "score": sum(c["points"] for c in checks if c["status"] != "skip"),
+              "max_score": float(AUTOMATIC_MAX), "checks": checks, "diagnoses": diagnoses,
+              "failures": [], "metrics": {}, "environment": {}}
+    (out_dir / "result.json").write_text(json.dumps(result))
+    (out_dir / "report.html").write_text("<!DOCTYPE html><title>fake report</title>")
+    return result
+
+
+def fake_reference(profile, cache_root, data_root, device) -> Path:
+    return Path("/nonexistent-bundle")
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """The fake grader and bundle in place; returns a function reading the calls so far."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("SLIMGRADE_FAKE_LOG", str(log))
+    monkeypatch.delenv("SLIMGRADE_FAKE_HANG", raising=False)
+    monkeypatch.setattr(batch, "grade", fake_grade)
+    references = []
+    monkeypatch.setattr(batch, "ensure_reference",
+                        lambda *args: references.append(args) or fake_reference(*args))
+
+    def calls() -> list[str]:
+        return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+    calls.log = log
+    calls.references = references
+    return calls
+
+
+def quick_profile():
+    from reference.profiles import get_profile
+
+    return get_profile("quick")
+
+
+def make_folder(path: Path, message: str | None = None) -> Path:
+    path.mkdir(parents=True)
+    for name in ("sparsity_train", "vggprune", "train_prune_model"):
+        (path / f"{name}.ipynb").write_text("{}")
+    if message is not None:
+        (path / "message.txt").write_text(message)
+    return path
+
+
+def make_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("sparsity_train", "vggprune", "train_prune_model"):
+            archive.writestr(f"lab/{name}.ipynb", "{}")
+    return path
+
+
+def make_class(root: Path, names: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        make_zip(root / name) if name.endswith(".zip") else make_folder(root / name)
+    return root
+
+
+def read_gradebook(out: Path) -> tuple[list[str], list[dict]]:
+    with open(out / "gradebook.csv", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+def partials(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the class folder
+
+def test_student_ids_are_safe_folder_names():
+    assert batch.student_id("Alice Smith.zip") == "Alice_Smith"
+    assert batch.student_id("bob.ZIP") == "bob"
+    assert batch.student_id("José") == "José"
+    assert batch.student_id("<img src=x onerror=alert(1)>") == "img_src_x_onerror_alert_1"
+    assert batch.student_id("..") == "submission"
+    assert batch.student_id("-rf") == "rf"
+    assert batch.student_id("eve.partial-0123abcd") == "eve_partial-0123abcd"
+    assert batch.student_id("gradebook.csv") == "gradebook.csv_"
+    assert len(batch.student_id("x" * 500)) == batch.MAX_ID_CHARS
+
+
+def test_entries_folders_and_zips_only(tmp_path):
+    root = make_class(tmp_path / "class", ["alice", "alice.zip", "bob.zip", ".hidden", "__MACOSX"])
+    (root / "notes.txt").write_text("not a submission")
+    (root / ".DS_Store").write_text("")
+    out = root / "graded"
+    out.mkdir()
+    entries = batch.find_submissions(root, out)
+    assert [(e.id, e.path.name) for e in entries] == [
+        ("alice", "alice"), ("alice-2", "alice.zip"), ("bob", "bob.zip")]
+
+
+# ---------------------------------------------------------------- a class of four
+
+def test_four_submissions_one_broken(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "mutant-carl", "bob.zip", "broken"])
+    (root / ".ipynb_checkpoints").mkdir()
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile(), workers=2)
+
+    assert [r["student_id"] for r in rows] == ["alice", "bob", "broken", "mutant-carl"]
+    assert sorted(fake()) == ["alice", "bob", "broken", "mutant-carl"]
+    assert len(fake.references) == 1
+    columns, book = read_gradebook(out)
+    assert columns == (["student_id"] + [item["id"] for item in RUBRIC["items"]]
+                       + ["total", "max_total", "failures", "diagnoses", "report"])
+    by_id = {row["student_id"]: row for row in book}
+    assert set(by_id) == {"alice", "bob", "broken", "mutant-carl"}
+    assert by_id["alice"]["total"] == f"{AUTOMATIC_MAX:g}"
+    assert by_id["alice"]["blank-lambda"] == "5"
+    assert all(by_id["alice"][item["id"]] == "" for item in MANUAL)
+    assert by_id["alice"]["failures"] == "" and by_id["alice"]["report"] == "alice/report.html"
+    assert by_id["mutant-carl"]["diagnoses"] == "bn-copy-bug"
+    assert by_id["mutant-carl"]["blank-copy-bn-stats"] == "0"
+
+    broken = by_id["broken"]
+    assert broken["total"] == "0" and broken["max_total"] == f"{AUTOMATIC_MAX:g}"
+    assert broken["failures"] == "submission:exception"
+    assert broken["report"] == "broken/report.html"
+    result = json.loads((out / "broken" / "result.json").read_text())
+    assert result["score"] == 0 and result["max_score"] == AUTOMATIC_MAX
+    [failure] = result["failures"]
+    assert failure["kind"] == "exception"
+    assert "holds none of the lab's notebooks" in failure["message"]
+    assert "\n" not in failure["message"] and failure["message"].endswith(".")
+    assert {c["status"] for c in result["checks"]} == {"error", "skip"}
+    assert (out / "broken" / "report.html").is_file()
+
+    for sid in ("alice", "bob", "broken", "mutant-carl"):
+        assert (out / sid / "result.json").is_file() and (out / sid / "notebooks").is_dir()
+    assert partials(out) == []
+    summary = (out / "summary.html").read_text()
+    assert 'href="alice/report.html"' in summary and "bn-copy-bug" in summary
+    assert "data:image/png;base64," in summary
+
+
+def test_grading_workers_share_two_cores(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["a", "b"])
+    batch.grade_class(root, tmp_path / "one", quick_profile(), workers=1)
+    assert {line.split()[1] for line in fake.log.read_text().splitlines()} == {"2"}
+    fake.log.unlink()
+    batch.grade_class(root, tmp_path / "two", quick_profile(), workers=2)
+    assert {line.split()[1] for line in fake.log.read_text().splitlines()} == {"1"}
+
+
+def test_a_grading_process_that_dies_is_a_failure_row(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "crash"])
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile())
+    assert [r["student_id"] for r in rows] == ["alice", "crash"]
+    assert rows[1]["failures"] == "submission:exception" and rows[1]["total"] == 0
+    [failure] = json.loads((out / "crash" / "result.json").read_text())["failures"]
+    assert "SIGKILL" in failure["message"]
+    assert partials(out) == []
+
+
+def test_a_process_that_cannot_start_records_nothing(tmp_path, fake, monkeypatch):
+    # A function the grading processes cannot import (it exists only in this process):
+    # a harness problem, so no student gets a failure result for it.
+    def ghost_grade(*args, **kwargs):
+        return fake_grade(*args, **kwargs)
+
+    ghost_grade.__qualname__ = ghost_grade.__name__ = "ghost_grade"
+    monkeypatch.setattr(sys.modules[__name__], "ghost_grade", ghost_grade, raising=False)
+    monkeypatch.setattr(batch, "grade", ghost_grade)
+    root = make_class(tmp_path / "class", ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="ended before grading started"):
+        batch.grade_class(root, out, quick_profile(), workers=2)
+    assert not batch.is_finished(out, "a") and not batch.is_finished(out, "b")
+    assert partials(out) == [] and read_gradebook(out)[1] == []
+
+    monkeypatch.setattr(batch, "grade", fake_grade)
+    assert len(batch.grade_class(root, out, quick_profile(), workers=2)) == 2
+    assert sorted(fake()) == ["a", "b"]
+
+
+# ---------------------------------------------------------------- resume
+
+def test_rerun_grades_nothing_twice_and_force_grades_again(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "bob.zip", "broken"])
+    out = tmp_path / "out"
+    first = batch.grade_class(root, out, quick_profile(), workers=2)
+    assert len(fake()) == 3
+
+    again = batch.grade_class(root, out, quick_profile(), workers=2)
+    assert len(fake()) == 3, "a finished submission was graded again"
+    assert again == first
+    assert len(fake.references) == 1, "the bundle is not needed when nothing is left to grade"
+
+    make_folder(root / "dora")
+    shutil.rmtree(out / "bob")
+    batch.grade_class(root, out, quick_profile(), workers=2)
+    assert sorted(fake()[3:]) == ["bob", "dora"]
+
+    batch.grade_class(root, out, quick_profile(), workers=2, force=True)
+    assert sorted(fake()[5:]) == ["alice", "bob", "broken", "dora"]
+    assert len(read_gradebook(out)[1]) == 4
+    assert partials(out) == []
+
+
+def test_stale_partial_folders_are_removed_and_not_finished(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice"])
+    out = tmp_path / "out"
+    stale = out / "alice.partial-0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "result.json").write_text('{"score": 99}')
+    (out / ".gradebook.csv.89abcdef.tmp").write_text("half")
+    rows = batch.grade_class(root, out, quick_profile())
+    assert fake() == ["alice"]
+    assert rows[0]["total"] == AUTOMATIC_MAX
+    assert partials(out) == [] and not (out / ".gradebook.csv.89abcdef.tmp").exists()
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import test_batch
+from grader import batch
+from reference.profiles import get_profile
+batch.grade = test_batch.fake_grade
+batch.ensure_reference = test_batch.fake_reference
+try:
+    batch.grade_class(Path({root!r}), Path({out!r}), get_profile("quick"), workers=1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def start_batch(root: Path, out: Path, log: Path, hang: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLIMGRADE_FAKE_LOG": str(log),
+           "SLIMGRADE_FAKE_HANG": hang}
+    script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), out=str(out))
+    return subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["a", "b", "c", "d.zip"])
+    out = tmp_path / "out"
+    log = tmp_path / "killed.log"
+    process = start_batch(root, out, log, hang="c")
+    pid_file = Path(f"{log}.hang-pid")
+    try:
+        wait_until(lambda: pid_file.exists() or process.poll() is not None,
+                   what="the third grading to start")
+        assert process.poll() is None, process.communicate()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    grading_pid = int(pid_file.read_text())
+    wait_until(lambda: gone(grading_pid), timeout=15, what="the orphaned grading process to end")
+
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["a", "b", "c"]
+    for sid in ("a", "b"):
+        assert batch.is_finished(out, sid) and (out / sid / "report.html").is_file()
+    assert not (out / "c").exists() and not (out / "d").exists()
+    [half] = partials(out)
+    assert half.startswith("c.partial-") and (out / half / "notebooks").is_dir()
+    assert not batch.is_finished(out, "c")
+    assert [row["student_id"] for row in read_gradebook(out)[1]] == ["a", "b"]
+
+    rows = batch.grade_class(root, out, quick_profile())
+    assert sorted(fake()) == ["c", "d"], "only the unfinished submissions are graded again"
+    assert [row["student_id"] for row in rows] == ["a", "b", "c", "d"]
+    assert partials(out) == []
+    assert [row["student_id"] for row in read_gradebook(out)[1]] == ["a", "b", "c", "d"]
+
+
+def test_sigterm_stops_cleanly_and_keeps_what_is_finished(tmp_path):
+    root = make_class(tmp_path / "class", ["a", "b", "c"])
+    out = tmp_path / "out"
+    log = tmp_path / "stopped.log"
+    process = start_batch(root, out, log, hang="b")
+    pid_file = Path(f"{log}.hang-pid")
+    try:
+        wait_until(lambda: pid_file.exists() or process.poll() is not None,
+                   what="the second grading to start")
+        os.kill(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    assert gone(int(pid_file.read_text()))
+    assert batch.is_finished(out, "a")
+    assert not (out / "b").exists() and not (out / "c").exists()
+    assert partials(out) == [], "the interrupted grading's partial folder is removed"
+    assert [row["student_id"] for row in read_gradebook(out)[1]] == ["a"]
+    assert "c" in (out / "summary.html").read_text()  # listed as not graded yet
+
+
+# ---------------------------------------------------------------- summary.html
+
+def test_summary_escapes_hostile_ids_and_messages(tmp_path, fake):
+    root = tmp_path / "class"
+    root.mkdir()
+    make_folder(root / '<img src=x onerror=alert(1)>"', message=HOSTILE_MESSAGE)
+    make_folder(root / "alice")
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile())
+    assert {r["student_id"] for r in rows} == {"alice", "img_src_x_onerror_alert_1"}
+    summary = (out / "summary.html").read_text()
+    assert "<script" not in summary and "<img src=x" not in summary and "<b onmouseover" not in summary
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in summary
+    assert "&lt;img src=x onerror=alert(1)&gt;&#34;" in summary  # the name as handed in
+
+    # The template escapes by itself, whatever the id cleaning lets through.
+    hostile_id = '"><script>alert(1)</script>'
+    book = batch.Gradebook(out, [batch.Entry(hostile_id, root / "alice")], RUBRIC, "<i>class</i>", "quick")
+    book.results[hostile_id] = {"score": 1, "max_score": 2, "checks": [],
+                                "diagnoses": [{"id": "<x-id>", "message": HOSTILE_MESSAGE}],
+                                "failures": [{"notebook": "<nb>", "kind": "<k>", "message": HOSTILE_MESSAGE}]}
+    page = batch.summary_html(book.view())
+    assert "<script" not in page and "<i>class</i>" not in page and "<x-id>" not in page
+    assert "<nb>" not in page and "<k>" not in page and "<b onmouseover" not in page
+    assert "&lt;x-id&gt;" in page and "&#34;&gt;&lt;script&gt;" in page
+
+
+def test_gradebook_cells_never_start_a_formula():
+    assert batch._csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
+    assert batch._csv_cell(2.5) == "2.5" and batch._csv_cell(None) == ""
+
+
+def test_a_missing_class_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(PrepareError, match="is not a folder"):
+        batch.grade_class(tmp_path / "nope", tmp_path / "out", quick_profile())
+
+
+# ---------------------------------------------------------------- the real pipeline
+
+@pytest.mark.slow
+def test_real_batch_on_fixtures(tmp_path):
+    sources = [FIXTURES / "solution", FIXTURES / "no-running-stats"]
+    missing = [str(p) for p in sources if not (p / "expected.json").is_file()]
+    if missing:
+        pytest.skip(f"fixtures not generated yet: {', '.join(missing)}")
+    try:
+        import grader.pipeline  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import problem means the pipeline is not ready
+        pytest.skip(f"the grading pipeline does not import yet ({type(error).__name__}: {error})")
+    root = tmp_path / "class"
+    root.mkdir()
+    for source in sources:
+        shutil.copytree(source, root / source.name)
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile(), workers=2)
+
+    assert [row["student_id"] for row in rows] == ["no-running-stats", "solution"]
+    for row, source in zip(rows, sorted(sources)):
+        expected = json.loads((source / "expected.json").read_text())
+        assert "exception" not in row["failures"], row
+        assert set(expected["diagnoses"]) <= set(filter(None, row["diagnoses"].split(";"))), row
+        low, high = expected["score_band"]
+        assert low <= row["total"] <= high, row
+        assert (out / row["report"]).is_file()
+    assert len(read_gradebook(out)[1]) == 2
+    assert (out / "summary.html").is_file() and partials(out) == []

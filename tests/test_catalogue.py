@@ -1,0 +1,85 @@
+"""The diagnosis catalogue: documented, and each unit firing on its own evidence."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from grader.diagnose import CATALOGUE, diagnose
+from grader.score import CHECKS, load_rubric, score
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "diagnoses.md"
+
+
+def test_every_diagnosis_id_is_documented_and_every_documented_id_exists():
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", DOCS.read_text(), flags=re.M))
+    assert documented == {entry.id for entry in CATALOGUE}
+
+
+def test_every_automatic_rubric_item_has_a_check():
+    rubric = load_rubric()
+    automatic = {item["id"] for item in rubric["items"] if not item.get("manual")}
+    assert automatic == set(CHECKS)
+
+
+def prune_facts(**overrides):
+    facts = {"reference_kept": [3, 4], "student_kept": [3, 4], "mask_strategy": "correct",
+             "mask_correct": True, "masks_reported": True, "copy_differences": [],
+             "logits_max_diff": 0.0, "accuracy": 90.0, "majority_fraction": 0.2,
+             "collapsed": False, "accuracy_recalibrated": 90.0, "claimed_accuracies": [90.0],
+             "cfg": [3, "M", 4]}
+    facts.update(overrides)
+    return facts
+
+
+def evaluation_with(prune):
+    runs = {r: {"failure": None, "images": [3]} for r in
+            ("sparsity", "sparsity-lambda0", "prune-0.5", "prune-0.9", "prune-edge", "finetune",
+             "chained-finetune")}
+    return {"runs": runs, "prune": prune, "sparsity": {}, "chained": {}, "student_lambda": 1e-4}
+
+
+def ids(evaluation):
+    return {d.id for d in diagnose(evaluation)}
+
+
+def test_collapse_with_exact_copy_is_a_statistics_shift_not_a_copy_bug():
+    shifted = prune_facts(collapsed=True, majority_fraction=1.0, accuracy=10.0,
+                          accuracy_recalibrated=85.0, claimed_accuracies=[10.0])
+    assert ids(evaluation_with({"0.5": shifted})) == {"bn-statistics-shift"}
+
+
+def test_collapse_with_fresh_running_stats_is_a_copy_bug_not_a_shift():
+    broken = prune_facts(collapsed=True, majority_fraction=1.0, accuracy=10.0, logits_max_diff=3.0,
+                         claimed_accuracies=[10.0], copy_differences=[{
+                             "key": "feature.4.running_var", "layer": 1, "part": "bn",
+                             "tensor": "running_var", "kind": "initial",
+                             "detail": "running_var of BN layer 1 is still all 1 (its initial value)"}])
+    found = ids(evaluation_with({"0.5": broken}))
+    assert found == {"bn-copy-bug"}
+
+
+def test_train_mode_moves_statistics_without_calling_it_a_copy_bug():
+    moved = prune_facts(claimed_accuracies=[60.0], accuracy=20.0, logits_max_diff=1.0,
+                        copy_differences=[{"key": "feature.1.running_mean", "layer": 0, "part": "bn",
+                                           "tensor": "running_mean", "kind": "differs",
+                                           "detail": "moved"}])
+    assert ids(evaluation_with({"0.9": moved})) == {"tested-train-mode"}
+
+
+def test_the_solution_shape_scores_full_marks_on_the_pruning_checks():
+    evaluation = evaluation_with({k: prune_facts() for k in ("0.5", "0.9", "edge")})
+    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+    by_id = {c.id: c for c in checks}
+    for check_id in ("blank-kept-indices", "blank-copy-bn-affine", "blank-copy-bn-stats",
+                     "blank-copy-linear-weight", "blank-copy-linear-bias", "prune-0.5", "prune-0.9"):
+        assert by_id[check_id].status == "pass", by_id[check_id]
+
+
+def test_a_failed_run_costs_only_its_checks():
+    evaluation = evaluation_with({k: prune_facts() for k in ("0.5", "0.9", "edge")})
+    evaluation["runs"]["sparsity"]["failure"] = {"message": "sparsity_train.ipynb: cell 4 ran out of memory.",
+                                                 "kind": "out-of-memory"}
+    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+    by_id = {c.id: c for c in checks}
+    assert by_id["gamma-plot"].status == "error" and "out of memory" in by_id["gamma-plot"].message
+    assert by_id["prune-0.9"].status == "pass"

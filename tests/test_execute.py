@@ -1,0 +1,336 @@
+"""grader.execute and grader.runtime: injection, budgets, failures, output cap, Colab shims.
+
+Tests that run a notebook start one kernel each (about 5 s); they use the sandbox
+when bubblewrap works on the machine, like the grader does.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import grader.runtime as runtime
+from grader.execute import (INJECTED_TAG, STATE_FILE, OutputCappedClient, RunResult, RunSpec,
+                            assigned_names, parameters_source, plan_notebook, read_notebook,
+                            run_notebook)
+from reference.model import scaled_cfg
+from reference.profiles import QUICK
+
+PROFILE = replace(QUICK, cell_timeout_s=60, run_timeout_s=120, memory_limit_mb=3072)
+
+
+def write_notebook(path: Path, cells: list[str | tuple[str, list[str]]]) -> Path:
+    """A notebook of code cells; a (source, tags) pair gives the cell tags."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    for cell in cells:
+        source, tags = cell if isinstance(cell, tuple) else (cell, [])
+        nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": tags}))
+    nbformat.write(nb, path)
+    return path
+
+
+def run(tmp_path: Path, cells: list, profile=PROFILE, **kwargs) -> RunResult:
+    notebook = write_notebook(tmp_path / "lab.ipynb", cells)
+    spec = RunSpec(run_id="test", notebook=notebook, work_dir=tmp_path / "work",
+                   parameters=kwargs.pop("parameters", {}), profile=profile, **kwargs)
+    return run_notebook(spec)
+
+
+# --- without a kernel -------------------------------------------------------------------
+
+def test_assigned_names_sees_module_level_bindings_only():
+    source = ("%matplotlib inline\n!ls\nLAMBDA = 1e-4\nif True:\n    EPOCHS, (SEED, *rest) = 1, (2, 3)\n"
+              "for DEVICE in ['cpu']:\n    pass\ndef f():\n    PRUNE_PERCENT = 0.5\n"
+              "MOMENTUM += 0.1\nfrom os import path as WEIGHT_PATH\nx.attr = 1\n")
+    assert assigned_names(source) == {"LAMBDA", "EPOCHS", "SEED", "rest", "DEVICE", "f",
+                                      "MOMENTUM", "WEIGHT_PATH"}
+    assert assigned_names("%%time\nLAMBDA = 1") == {"LAMBDA"}
+    assert assigned_names("files = !ls\nLAMBDA = 1") == set()  # unparsable: nothing seen
+
+
+def test_parameters_source_keeps_literals_and_guards_scaling():
+    source = parameters_source({"LAMBDA": 0.005, "WEIGHT_PATH": "model_best.pth"}, {"LAMBDA": 100})
+    namespace: dict = {}
+    exec(source, namespace)
+    assert namespace["LAMBDA"] == pytest.approx(0.5)
+    assert namespace["WEIGHT_PATH"] == "model_best.pth"
+    undefined: dict = {}
+    exec(parameters_source({}, {"LAMBDA": 100}), undefined)  # no NameError
+    assert "LAMBDA" not in undefined
+    unset = {"LAMBDA": None}  # the template's blank, not filled in
+    exec(parameters_source({}, {"LAMBDA": 100}), unset)
+    assert unset["LAMBDA"] is None
+    with pytest.raises(ValueError):
+        parameters_source({"LAMBDA": object()}, {})
+
+
+def test_plan_injects_after_tagged_cell_only(tmp_path):
+    notebook = write_notebook(tmp_path / "nb.ipynb", [
+        "import torch", ("LAMBDA = 1e-4", ["parameters"]), "EPOCHS = 60", "print(EPOCHS)"])
+    student = read_notebook(notebook)
+    student.cells[3].outputs = [nbformat.v4.new_output("stream", name="stdout", text="old\n")]
+    plan = plan_notebook(student, "INSTALL", "DUMP", {"EPOCHS": 3}, {"LAMBDA": 10.0})
+    sources = [cell.source for cell in plan.nb.cells]
+    assert sources[0] == "INSTALL" and sources[-1] == "DUMP"
+    assert plan.origin == [None, 0, 1, None, 2, 3, None]
+    assert "EPOCHS = 3" in sources[3] and "LAMBDA = LAMBDA * 10.0" in sources[3]
+    assert plan.follows[3] == 1
+    assert all(INJECTED_TAG in plan.nb.cells[i].metadata["tags"] for i in (0, 3, 6))
+    assert plan.nb.cells[5].outputs == []  # the student's old outputs are not kept
+
+
+def test_plan_injects_after_every_assigning_cell_and_scales_only_there(tmp_path):
+    notebook = write_notebook(tmp_path / "nb.ipynb", [
+        "LAMBDA = 1e-4\nEPOCHS = 60", "x = 1", "EPOCHS = 100", "y = 2"])
+    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {"LAMBDA": 10.0})
+    assert plan.origin == [None, 0, None, 1, 2, None, 3, None]
+    assert "LAMBDA * 10.0" in plan.nb.cells[2].source
+    assert "LAMBDA" not in plan.nb.cells[5].source  # scaling twice would square the factor
+    assert "EPOCHS = 3" in plan.nb.cells[5].source
+
+
+def test_plan_without_any_assignment_defines_parameters_up_front(tmp_path):
+    notebook = write_notebook(tmp_path / "nb.ipynb", ["print(1)"])
+    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {})
+    assert plan.origin == [None, None, 0, None]
+    assert "EPOCHS = 3" in plan.nb.cells[1].source
+
+
+def stream_msg(text: str, name: str = "stdout") -> dict:
+    return {"msg_type": "stream", "content": {"name": name, "text": text},
+            "parent_header": {"msg_id": "m"}, "header": {"msg_type": "stream"}}
+
+
+def test_output_cap_merges_streams_resolves_progress_bars_and_cuts_once():
+    client = OutputCappedClient(nbformat.v4.new_notebook(), limit_bytes=100)
+    outs: list = []
+    for step in range(50):  # a progress bar redrawn 50 times costs what it finally shows
+        client.output(outs, stream_msg(f"\rprogress {step:3d}%"), None, 0)
+    client.output(outs, stream_msg("\n"), None, 0)
+    assert len(outs) == 1 and outs[0].text == "progress  49%\n"
+    assert not client.truncated
+    client.output(outs, stream_msg("x" * 500), None, 0)
+    client.output(outs, stream_msg("more\n"), None, 0)
+    kept = "".join(out.text for out in outs)
+    assert client.truncated
+    assert kept.count("[slimgrade: output cut after 100 bytes]") == 1
+    assert len(kept.replace("\n[slimgrade: output cut after 100 bytes]\n", "")) == 100
+    error = {"msg_type": "error", "content": {"ename": "E", "evalue": "v", "traceback": []},
+             "parent_header": {"msg_id": "m"}, "header": {"msg_type": "error"}}
+    client.output(outs, error, None, 0)
+    assert outs[-1].output_type == "error"  # errors are kept past the cap
+
+
+def test_dump_state_converts_to_plain_json_and_skips_the_rest(tmp_path):
+    import numpy as np
+
+    state_file = tmp_path / "state.json"
+    namespace = {
+        "LAMBDA": np.float32(0.5), "EPOCHS": np.int64(3), "threshold": torch.tensor(0.25),
+        "cfg": [4, "M", 2], "cfg_mask": [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False])],
+        "history": [{"epoch": 0, "prec1": torch.tensor(0.5)}], "PRUNE_PERCENT": float("nan"),
+        "WEIGHT_PATH": Path("model_best.pth"), "model": torch.nn.Linear(2, 2),
+    }
+    runtime.dump_state(namespace, str(state_file))
+    state = json.loads(state_file.read_text())
+    assert state["LAMBDA"] == 0.5 and state["EPOCHS"] == 3 and isinstance(state["EPOCHS"], int)
+    assert state["threshold"] == 0.25
+    assert state["cfg"] == [4, "M", 2]
+    assert state["cfg_mask"] == [[1, 0, 1], [1, 0]]
+    assert state["history"] == [{"epoch": 0, "prec1": 0.5}]
+    assert state["PRUNE_PERCENT"] == "nan"
+    assert state["_skipped"] == {"WEIGHT_PATH": "PosixPath"}
+    assert "model" not in state
+
+
+def test_dump_state_never_raises(tmp_path, capsys):
+    runtime.dump_state({"cfg": [1]}, str(tmp_path / "missing-folder" / "state.json"))
+    assert "could not save" in capsys.readouterr().err
+
+
+def test_drive_paths_map_to_the_work_dir_by_basename(monkeypatch, tmp_path):
+    monkeypatch.setitem(runtime._settings, "work_dir", str(tmp_path))
+    assert runtime.drive_path("/content/drive/MyDrive/lab4/model_best.pth") == \
+        str(tmp_path / "model_best.pth")
+    assert runtime.drive_path(Path("/content/x.pth")) == str(tmp_path / "x.pth")
+    assert runtime.drive_path("/contents/x.pth") == "/contents/x.pth"
+    assert runtime.drive_path("model_best.pth") == "model_best.pth"
+    assert runtime.drive_path(3) == 3
+
+
+# --- with a kernel ----------------------------------------------------------------------
+
+def test_untagged_parameters_follow_every_assignment_and_scale_once(tmp_path):
+    result = run(tmp_path, [
+        "LAMBDA = 1e-4\nEPOCHS = 60",
+        "seen = [LAMBDA, EPOCHS]",
+        "%matplotlib inline\nEPOCHS = 100  # assigned again",
+        "history = seen + [EPOCHS, LAMBDA]",
+    ], parameters={"EPOCHS": 12, "WEIGHT_PATH": "w.pth"}, scale={"LAMBDA": 100.0})
+    assert result.failure is None
+    assert result.state["history"] == pytest.approx([0.01, 12, 12, 0.01])
+    assert result.state["WEIGHT_PATH"] == "w.pth"
+    assert len(result.cell_seconds) == 4 and all(s > 0 for s in result.cell_seconds)
+    executed = nbformat.read(result.executed_notebook, as_version=4)
+    injected = [c for c in executed.cells if INJECTED_TAG in c.metadata.get("tags", [])]
+    assert len(injected) == 4  # install, after cell 0, after cell 2, dump
+
+
+def test_tagged_parameters_are_injected_once(tmp_path):
+    result = run(tmp_path, [
+        ("LAMBDA = 1e-4\nEPOCHS = 60", ["parameters"]),
+        "EPOCHS = 100",
+        "history = [LAMBDA, EPOCHS]",
+    ], parameters={"EPOCHS": 12}, scale={"LAMBDA": 10.0})
+    assert result.failure is None
+    assert result.state["history"] == pytest.approx([1e-3, 100])
+
+
+def test_exception_names_the_cell_and_state_is_still_dumped(tmp_path):
+    result = run(tmp_path, [
+        "import torch\ncfg = [4, 'M', 2]\ncfg_mask = [torch.tensor([1., 0., 1.])]\n"
+        "threshold = torch.tensor(0.25)\nhistory = object()",
+        "raise IndexError('too many indices for tensor of dimension 1')",
+        "EPOCHS = 99",
+    ])
+    failure = result.failure
+    assert failure is not None and failure.kind == "exception"
+    assert failure.cell_index == 1
+    assert failure.message == "lab.ipynb: cell 2 raised IndexError: too many indices for tensor " \
+                              "of dimension 1."
+    assert "IndexError" in failure.error_tail and "\x1b" not in failure.error_tail
+    assert result.state["cfg_mask"] == [[1, 0, 1]]
+    assert result.state["threshold"] == 0.25
+    assert result.state["_skipped"] == {"history": "object"}
+    assert "EPOCHS" not in result.state  # the cell after the failing one did not run
+    assert result.cell_seconds[2] == 0.0
+
+
+def test_sys_exit_is_an_exception(tmp_path):
+    result = run(tmp_path, ["import sys\nsys.exit(1)", "EPOCHS = 1"])
+    assert result.failure is not None and result.failure.kind == "exception"
+    assert result.failure.cell_index == 0
+    assert "SystemExit" in result.failure.message
+    assert result.state == {"_skipped": {}}
+
+
+def test_cell_timeout_interrupts_and_still_dumps_state(tmp_path):
+    profile = replace(PROFILE, cell_timeout_s=3)
+    began = time.monotonic()
+    result = run(tmp_path, ["EPOCHS = 5", "while True:\n    pass", "EPOCHS = 6"], profile=profile)
+    assert result.failure is not None and result.failure.kind == "timeout"
+    assert result.failure.cell_index == 1
+    assert "cell 2 was still running after 3 s" in result.failure.message
+    assert result.state["EPOCHS"] == 5
+    assert 3 <= result.cell_seconds[1] < 10
+    assert time.monotonic() - began < 60
+
+
+def test_run_budget_stops_the_cell_that_exhausts_it(tmp_path):
+    profile = replace(PROFILE, cell_timeout_s=30, run_timeout_s=3)
+    result = run(tmp_path, ["import time\ntime.sleep(2)", "time.sleep(2)", "time.sleep(2)"],
+                 profile=profile)
+    assert result.failure is not None and result.failure.kind == "timeout"
+    assert result.failure.cell_index == 1
+    assert "time budget of 3 s in cell 2" in result.failure.message
+
+
+def test_memory_limit_kills_the_kernel(tmp_path):
+    profile = replace(PROFILE, memory_limit_mb=500)
+    result = run(tmp_path, ["x = 1", "big = bytearray(1_500_000_000)", "y = 2"], profile=profile)
+    assert result.failure is not None and result.failure.kind == "out-of-memory"
+    assert result.failure.cell_index == 1
+    assert "more than 500 MB" in result.failure.message
+    assert result.state == {}
+
+
+def test_killed_kernel_is_reported(tmp_path):
+    result = run(tmp_path, ["x = 1", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"])
+    assert result.failure is not None and result.failure.kind == "kernel-died"
+    assert result.failure.cell_index == 1
+    assert "signal 9" in result.failure.message
+    assert result.state == {}
+
+
+def test_clean_run_without_the_expected_checkpoint_is_a_missing_artifact(tmp_path):
+    result = run(tmp_path, ["import torch\ntorch.save({}, 'model_prune.pth')"],
+                 expected_artifacts=["model_prune.pth", "model_best.pth"])
+    assert result.failure is not None and result.failure.kind == "missing-artifact"
+    assert "model_best.pth" in result.failure.message
+    assert "model_prune.pth" not in result.failure.message
+
+
+def test_output_flood_is_cut_and_the_notebook_stays_small(tmp_path):
+    profile = replace(PROFILE, output_limit_bytes=200_000)
+    result = run(tmp_path, [
+        "for i in range(200_000):\n    print('y' * 99)",  # 20 MB
+        "print('NEXT-CELL')\nEPOCHS = 7",
+    ], profile=profile)
+    assert result.failure is None
+    assert result.output_truncated
+    assert result.stdout_text.count("[slimgrade: output cut after 200000 bytes]") == 1
+    assert 200_000 <= len(result.stdout_text) < 201_000
+    assert "NEXT-CELL" not in result.stdout_text
+    assert result.state["EPOCHS"] == 7
+    assert result.executed_notebook.stat().st_size < 400_000
+
+
+COLAB_CELLS = [
+    "from google.colab import drive\ndrive.mount('/content/drive')",
+    "%cd /content/drive/MyDrive/lab4",
+    "import os, json\nimport torch\nimport numpy as np\nreport = {'cwd': os.getcwd()}\n"
+    "WEIGHT_PATH = '/content/drive/MyDrive/lab4/model_best.pth'\n"
+    "torch.save({'w': torch.arange(3.0)}, WEIGHT_PATH)\n"
+    "report['exists'] = os.path.exists(WEIGHT_PATH)",
+    "t = torch.ones(2).cuda()\nlayer = torch.nn.Linear(2, 2).cuda()\n"
+    "report['devices'] = [str(t.device), str(next(layer.parameters()).device)]\n"
+    "report['loaded'] = torch.load(WEIGHT_PATH)['w'].tolist()",
+    "from torchvision import datasets, transforms\n"
+    "train_set = datasets.CIFAR10('./data', train=True, download=True, transform=transforms.Compose([\n"
+    "    transforms.Pad(4), transforms.RandomCrop(32), transforms.RandomHorizontalFlip(),\n"
+    "    transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))\n"
+    "test_set = datasets.CIFAR10('./data', train=False, download=True)\n"
+    "loader = torch.utils.data.DataLoader(train_set, batch_size=100, shuffle=True, num_workers=2)\n"
+    "x, y = next(iter(loader))\n"
+    "report['batch'] = [list(x.shape), float(x.min()), float(x.max()), str(y.dtype)]\n"
+    "report['sizes'] = [len(train_set), len(test_set), list(test_set.data.shape)]\n"
+    "report['sample'] = [type(test_set[0][0]).__name__, test_set[0][0].mode, type(test_set.targets[0]).__name__]\n"
+    "report['downloaded'] = os.path.exists('data')",
+    "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
+    "import sys\nfrom models import vgg\nreport['cfg'] = vgg().cfg\n"
+    "report['models_file'] = sys.modules['models.vgg'].__file__\n"
+    "report['threads'] = torch.get_num_threads()",
+    "json.dump(report, open('/content/drive/MyDrive/lab4/report.json', 'w'))",
+]
+
+
+def test_colab_notebook_runs_unchanged(tmp_path):
+    work_dir = tmp_path / "work"
+    (work_dir / "models").mkdir(parents=True)
+    (work_dir / "models" / "__init__.py").write_text("raise ImportError('student models')\n")
+    (work_dir / "models" / "student_extra.py").write_text("")
+    result = run(tmp_path, COLAB_CELLS, threads=2)
+    assert result.failure is None, result.failure
+    report = json.loads((work_dir / "report.json").read_text())
+    assert report["cwd"] == str(work_dir.resolve())
+    assert report["exists"] and (work_dir / "model_best.pth").is_file()
+    assert report["devices"] == ["cpu", "cpu"]
+    assert report["loaded"] == [0.0, 1.0, 2.0]
+    assert report["batch"] == [[100, 3, 32, 32], -1.0, 1.0, "torch.int64"]
+    assert report["sizes"] == [1438, 359, [359, 32, 32, 3]]
+    assert report["sample"] == ["Image", "RGB", "int"]
+    assert report["downloaded"] is False
+    assert report["cfg"] == scaled_cfg(PROFILE.width_divisor)
+    assert report["models_file"] == str(work_dir.resolve() / "models" / "vgg.py")
+    assert not (work_dir / "models" / "student_extra.py").exists()
+    assert report["threads"] == 2
+    assert result.images == [5]
+    assert "Mounted at /content/drive" in result.stdout_text
+    assert (work_dir / STATE_FILE).is_file()

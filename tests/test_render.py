@@ -1,0 +1,240 @@
+"""grader.render: result.json, report.html (escaping, self-contained) and Gradescope's format."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from grader.render import gradescope_results, render, report_html, write_report, write_result
+
+HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def gamma(scale: float) -> dict:
+    edges = [scale * k / 10 for k in range(11)]
+    counts = [40, 12, 9, 7, 5, 4, 3, 2, 1, 1]
+    return {"histogram": {"counts": counts, "edges": edges}, "mean_abs": scale / 4,
+            "fraction_below": {"0.001": 0.1, "0.01": 0.35, "0.1": 0.8}}
+
+
+def prune(kept: list[int], student: list[int], **extra) -> dict:
+    return {"reference_kept": kept, "student_kept": student,
+            "cfg": [v for k in kept for v in (k, "M")][:-1], "accuracy": 10.0,
+            "accuracy_recalibrated": 71.5, "accuracy_masked_original": 10.0,
+            "claimed_accuracies": [9.8, 10.0], "claimed_prune_ratio": 0.9,
+            "majority_fraction": 0.97, "copy_differences": [], **extra}
+
+
+def full_result() -> dict:
+    return {
+        "slimgrade_version": "0.1.0", "submission": "submissions/alice", "profile": "quick",
+        "graded_at": "2025-01-01T12:00:00+00:00", "duration_s": 71.3,
+        "score": 45.0, "max_score": 60.0, "manual_max_points": 40.0,
+        "checks": [
+            {"id": "blank-lambda", "stage": "sparsity_train", "title": "Blank: LAMBDA", "status": "pass",
+             "points": 5.0, "max_points": 5.0, "message": "LAMBDA = 0.0001, within [1e-05, 0.001]."},
+            {"id": "blank-copy-bn-stats", "stage": "vggprune", "title": "Blank: copy BN running stats",
+             "status": "fail", "points": 0.0, "max_points": 5.0,
+             "message": "BN running statistics: wrong in run(s) 0.5, 0.9."},
+            {"id": "finetune", "stage": "train_prune_model", "title": "Fine-tuning", "status": "error",
+             "points": 0.0, "max_points": 0.0, "message": "Not graded: the kernel died"},
+            {"id": "report-problems", "stage": "report", "title": "Report: problems met", "status": "skip",
+             "points": 0.0, "max_points": 8.0, "message": "Graded by hand from the report."},
+        ],
+        "diagnoses": [
+            {"id": "bn-copy-bug", "stage": "vggprune", "severity": "error",
+             "message": "BatchNorm tensors of the pruned model are not the kept slices.",
+             "evidence": [{"run": "isolated 0.9", "details": ["bn.1.running_mean differs", "bn.1.running_var differs"]},
+                          "a plain evidence line"],
+             "hint": "Copy running_mean and running_var too."},
+            {"id": "bn-statistics-shift", "stage": "vggprune", "severity": "info",
+             "message": "The pruned model predicts one class because of the BN statistics shift.",
+             "evidence": [{"run": "isolated 0.9", "details": ["97% of answers to one class"]}],
+             "hint": "Nothing to fix in your code."},
+        ],
+        "failures": [
+            {"notebook": "train_prune_model.ipynb", "run": "finetune", "kind": "kernel-died",
+             "message": "The kernel died (out of memory?)", "cell_index": 7,
+             "error_tail": "\n".join(f"line {k}" for k in range(200)) + "\n\x1b[31mRuntimeError\x1b[0m: boom"},
+        ],
+        "metrics": {
+            "runs": {"sparsity": {"notebook": "sparsity_train.ipynb", "duration_s": 20.5, "failed": False,
+                                  "images": [5], "output_truncated": False},
+                     "finetune": {"notebook": "train_prune_model.ipynb", "duration_s": 3.0, "failed": True,
+                                  "images": [], "output_truncated": True}},
+            "sparsity": {"lambda": {"gamma": gamma(0.8), "accuracy": 80.1, "claimed_best_prec1": 80.3},
+                         "lambda0": {"gamma": gamma(1.0), "accuracy": 82.0},
+                         "comparison": {"small_fraction": 0.35}},
+            "prune": {"0.5": prune([8, 8, 16, 16], [8, 8, 16, 16]),
+                      "0.9": prune([3, 2, 4, 3], [3, 2, 4, 3], copy_differences=[
+                          {"key": "feature.1.running_mean", "detail": "feature.1.running_mean differs", "kind": "differs"}]
+                          + [{"key": f"feature.{k}.running_var", "detail": "fresh values", "kind": "fresh"}
+                             for k in range(30)]),
+                      "edge": {"reference_kept": [1, 3], "thin_error": "size mismatch for feature.0.weight"}},
+            "finetune": {"error": "model_pruned.pth not written"},
+            "chained": {"lambda": 1e-4, "sparsity": {"gamma": gamma(0.7), "accuracy": 79.0},
+                        "prune": {"0.5": prune([8, 8, 16, 16], [8, 8, 16, 16]), "0.9": {"error": "no checkpoint"}},
+                        "finetune": {"accuracy": 84.2, "architecture_kept": True, "cfg": [3, "M", 2]}},
+            "reference": {"sparsity_gamma": {"lambda": gamma(0.6), "lambda0": gamma(1.0)},
+                          "prune": {"0.5": {"kept_per_layer": [8, 8, 16, 16], "accuracy_pruned": 70.0,
+                                            "accuracy_recalibrated": 79.0},
+                                    "0.9": {"kept_per_layer": [3, 2, 4, 3], "accuracy_pruned": 10.0,
+                                            "accuracy_recalibrated": 71.0}},
+                          "finetune_accuracy": 85.0, "accuracy_band_pct": 3.0, "sparsity_accuracy": 80.0},
+        },
+        "handed_in": {"sparsity_train": {"found": True, "path": "alice/sparsity_train.ipynb",
+                                         "printed": [f"Train Epoch: {k}" for k in range(100)]},
+                      "vggprune": {"found": False, "path": "", "printed": []}},
+        "environment": {"python": "3.11.9", "torch": "2.4.0", "platform": "Linux", "sandbox": True,
+                        "device": "cpu"},
+    }
+
+
+def hostile_result() -> dict:
+    result = full_result()
+    result["diagnoses"][0]["message"] = HOSTILE
+    result["diagnoses"][0]["evidence"].append(HOSTILE)
+    result["diagnoses"][0]["evidence"][0]["details"].append(HOSTILE)
+    result["failures"][0]["error_tail"] = "Traceback:\n" + HOSTILE
+    result["handed_in"]["sparsity_train"]["printed"] = ["Epoch 1", HOSTILE, "Epoch 2"]
+    result["submission"] = HOSTILE
+    result["checks"][1]["message"] = HOSTILE
+    result["metrics"]["prune"]["0.9"]["cfg"] = [HOSTILE, 3]
+    result["metrics"]["prune"]["0.9"]["copy_differences"][0]["detail"] = HOSTILE
+    return result
+
+
+def test_full_result_renders_and_round_trips(tmp_path: Path) -> None:
+    result = full_result()
+    result_path, report_path = render(result, tmp_path)
+    assert result_path == tmp_path / "result.json" and report_path == tmp_path / "report.html"
+    assert json.loads(result_path.read_text()) == result
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("result.json", "report.html")]
+
+    html = report_path.read_text()
+    for check in result["checks"]:
+        assert check["id"] in html
+    for diagnosis in result["diagnoses"]:
+        assert diagnosis["id"] in html
+    images = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
+    assert len(images) == 3  # kept channels at 0.5 and 0.9, gamma histogram
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", html, re.IGNORECASE)
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    # Summary, truncation notes, the manual points and the info styling are there.
+    assert "45 / 60" in html and "40 more points" in html
+    assert "not your fault" in html
+    assert "earlier lines left out" in html and "line 199" in html and "line 100" not in html
+    assert "\x1b" not in html
+    assert "more line(s) left out" in html  # printed lines capped at 60 of 100
+    assert "more difference(s) left out" in html
+
+
+def test_write_result_is_atomic_and_replaces(tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "out"
+    write_result({"score": 1.0}, out)
+    path = write_result({"score": 2.0, "nan": float("nan"), "path": Path("/x")}, out)
+    assert json.loads(path.read_text()) == {"score": 2.0, "nan": None, "path": "/x"}
+    assert [p.name for p in out.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("result", [
+    {},
+    {"score": 0.0, "max_score": 60.0, "checks": [], "diagnoses": [], "failures": []},
+    {"submission": "bob", "metrics": {"runs": {}}, "checks": [{"id": "blank-lambda"}]},
+    {"metrics": None, "checks": None, "diagnoses": "oops", "failures": [None, 3, "x"],
+     "environment": [], "handed_in": {"vggprune": None}},
+    {"metrics": {"prune": {"0.9": {"error": "no checkpoint"}, "0.5": None},
+                 "sparsity": {"lambda": {"error": "missing"}, "lambda0": {"gamma": {"histogram": {"counts": [1], "edges": []}}}},
+                 "chained": {"prune": {"0.5": {"cfg": "garbage", "student_kept": ["a"]}}},
+                 "reference": {"prune": {"0.9": {"kept_per_layer": [1, 2]}}}},
+     "diagnoses": [{"id": "x", "evidence": [{"run": None}, {"details": None}, 5]}],
+     "score": float("inf"), "duration_s": "long"},
+])
+def test_missing_metrics_still_render(tmp_path: Path, result: dict) -> None:
+    _, report = render(result, tmp_path)
+    html = report.read_text()
+    assert "not available" in html.lower()
+    assert "<img" not in html or all(s.startswith("data:") for s in re.findall(r'<img\b[^>]*\bsrc="([^"]*)"', html))
+
+
+def test_result_missing_most_metrics(tmp_path: Path) -> None:
+    result = full_result()
+    result["metrics"] = {"runs": result["metrics"]["runs"]}
+    del result["handed_in"], result["environment"]
+    html = write_report(result, tmp_path).read_text()
+    for check in result["checks"]:
+        assert check["id"] in html
+    assert "Plot for ratio 0.9 not available" in html and "Gamma histogram not available" in html
+
+
+def test_hostile_strings_are_escaped(tmp_path: Path) -> None:
+    html = report_html(hostile_result())
+    assert HOSTILE not in html
+    assert "<script" not in html.lower()
+    assert "onerror=alert(1)>" not in html
+    assert "<img src=x" not in html
+    escaped = "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
+    # diagnosis message, evidence line, evidence detail, error tail, printed line, check, cfg, copy detail...
+    assert html.count(escaped) >= 7
+
+
+def test_gradescope_results() -> None:
+    result = full_result()
+    gradescope = gradescope_results(result)
+    assert gradescope["score"] == 45.0
+    assert len(gradescope["tests"]) == len(result["checks"])
+    by_name = {t["name"]: t for t in gradescope["tests"]}
+    assert by_name["Blank: LAMBDA [blank-lambda]"] == {
+        "name": "Blank: LAMBDA [blank-lambda]", "score": 5.0, "max_score": 5.0,
+        "output": result["checks"][0]["message"], "status": "passed"}
+    assert by_name["Fine-tuning [finetune]"]["status"] == "failed"
+    assert by_name["Report: problems met [report-problems]"]["max_score"] == 0.0
+    assert "bn-copy-bug" in gradescope["output"] and "bn-statistics-shift" in gradescope["output"]
+    assert "not your fault" in gradescope["output"]
+    json.dumps(gradescope)
+    assert gradescope_results({}) == {"score": 0.0, "tests": [], "output": gradescope_results({})["output"]}
+
+
+def test_report_in_a_headless_browser(tmp_path: Path) -> None:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+
+    report = write_report(hostile_result(), tmp_path)
+    requests, dialogs = [], []
+    started = time.monotonic()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(report.as_uri(), wait_until="load")
+            page.wait_for_timeout(200)
+            title = page.evaluate("document.title")
+            text = page.inner_text("body")
+            scripts = page.evaluate("document.querySelectorAll('script').length")
+            image_sources = page.evaluate("[...document.images].map(i => i.getAttribute('src'))")
+            broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+        finally:
+            browser.close()
+    assert time.monotonic() - started < 30
+
+    assert not [u for u in requests if u.startswith(("http:", "https:"))], requests
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    assert title != "pwned" and "pwned" != title.strip()
+    assert not dialogs
+    assert scripts == 0
+    assert len(image_sources) == 3 and all(s.startswith("data:image/png;base64,") for s in image_sources)
+    assert broken == 0
+    assert HOSTILE in text
