@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradescope also writes results.json in Gradescope's format")
     grade.add_argument("--rubric", type=Path, default=None, help="a rubric JSON file to use instead of the course's")
     grade.add_argument("--workers", type=int, default=2, help="notebook runs at once (default 2)")
+    grade.add_argument("--run-cache", type=Path, default=None,
+                       help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(grade, "quick")
 
     check = commands.add_parser("check", help="check your own lab folder before handing it in")
@@ -103,7 +105,8 @@ def run_grade(args: argparse.Namespace) -> int:
     bar, tick = _progress(f"grading {args.path.name}")
     with bar:
         result = grade(args.path, args.out, _profile(args), args.data_root, args.device,
-                       args.workers, args.rubric, args.cache, on_progress=tick)
+                       args.workers, args.rubric, args.cache, on_progress=tick,
+                       run_cache=args.run_cache)
     if args.format == "gradescope":
         (args.out / "results.json").write_text(json.dumps(gradescope_results(result), indent=1))
     print(f"{result['submission']}: {result['score']:g}/{result['max_score']:g} "

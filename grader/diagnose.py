@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from grader.evaluate import LOGITS_TOLERANCE
+from grader.evaluate import LOGITS_TOLERANCE, RECOVERY_POINTS
 
 # Gap between a printed accuracy and the grader's eval-mode re-test that means "not eval mode".
 CLAIM_GAP_PCT = 1.0
@@ -146,7 +146,10 @@ def conv_slice_bug(evaluation: dict) -> Finding | None:
 def bn_statistics_shift(evaluation: dict) -> Finding | None:
     evidence = []
     for label, facts in prune_runs(evaluation):
-        if facts.get("collapsed") and copy_exact(facts):
+        if label.endswith("edge"):
+            continue  # the edge probe guts one layer on purpose; its accuracy means nothing
+        recovered = facts.get("accuracy_recalibrated", 0.0) >= facts.get("accuracy", 0.0) + RECOVERY_POINTS
+        if facts.get("collapsed") and copy_exact(facts) and recovered:
             evidence.append({
                 "run": label,
                 "details": [

@@ -27,7 +27,9 @@ from reference.prune import compute_masks, global_threshold, kept_indices
 from reference.train import accuracy, predict, recalibrate_bn
 
 # A network that gives this share of its answers to one class has collapsed (LAB: 1000/10000).
-COLLAPSE_FRACTION = 0.9
+COLLAPSE_FRACTION = 0.8
+# Recalibrated BN statistics must win back this many points to call a collapse a statistics shift.
+RECOVERY_POINTS = 20.0
 # Thin logits within this of the masked original's mean the copy is exact (float32 noise).
 LOGITS_TOLERANCE = 1e-3
 # A BN scale under this counts as "near zero" when looking for the L1 spike.
@@ -286,8 +288,8 @@ def _kept_not_top_k(masks: list[np.ndarray], model: nn.Module, k: int,
     """Layers where the min-channel rule fired but did not keep that layer's largest |gamma|."""
     layers = []
     for index, (mask, bn, natural) in enumerate(zip(masks, bn_layers(model), plain)):
-        if natural.sum() >= k or mask.sum() == natural.sum():
-            continue  # the rule did not fire here
+        if natural.sum() >= k or mask.sum() == natural.sum() or np.any(natural > mask):
+            continue  # the rule did not fire here, or the mask is wrong for another reason
         magnitude = bn.weight.detach().abs().cpu().numpy()
         top = set(np.argsort(-magnitude, kind="stable")[: int(mask.sum())].tolist())
         if set(np.flatnonzero(mask).tolist()) != top:

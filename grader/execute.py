@@ -352,7 +352,8 @@ class OutputCappedClient(NotebookClient):
                cell_index: int) -> NotebookNode | None:
         msg_type = msg["msg_type"]
         content = msg["content"]
-        if msg_type in ("display_data", "execute_result") and "image/png" in content.get("data", {}):
+        if msg_type in ("display_data", "execute_result") \
+                and "image/png" in content.get("data", {}):
             self.image_positions.add(cell_index)
         if msg_type == "error" or self.output_hook_stack[msg["parent_header"].get("msg_id")]:
             return super().output(outs, msg, display_id, cell_index)
@@ -578,10 +579,9 @@ class _Run:
             # debugpy warns about frozen modules on every start; it is noise here.
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         }
-        if not self.sandboxed:
-            tmp = self.private / "tmp"
-            tmp.mkdir(exist_ok=True)
-            env["TMPDIR"] = str(tmp)
+        # TMPDIR stays the system's (a private /tmp in the sandbox): DataLoader workers pass
+        # tensors through AF_UNIX sockets under it, and a path inside a deep work dir can
+        # exceed the 108 bytes a socket path may have, which hangs the workers.
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
         return env
@@ -673,7 +673,8 @@ class _Run:
                     self.cell_seconds[origin] += time.monotonic() - began
             error_output = _error_output(cell)
             if error_output is not None:
-                self.failure = self._exception_failure(error_output, origin, self.plan.follows[position])
+                self.failure = self._exception_failure(error_output, origin,
+                                                       self.plan.follows[position])
                 return False
         return False
 

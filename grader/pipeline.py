@@ -28,6 +28,7 @@ from grader.evaluate import (EDGE_RATIO, TrustedData, compare_sparsity, edge_cas
 from grader.execute import RunResult, RunSpec, run_notebook
 from grader.prepare import Submission, prepare
 from grader.render import render
+from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
 from grader.score import load_rubric, score
 from reference.bundle import (FINETUNE, SPARSE, ensure_bundle, environment, load_checkpoint,
@@ -126,10 +127,14 @@ def plan_runs(profile: Profile, bundle: Path, device: str, edge_input: Callable[
 
 def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path, profile: Profile,
                 data_root: Path | None, device: str, workers: int,
-                on_done: Callable[[str], None] | None = None) -> dict[str, RunResult | None]:
+                on_done: Callable[[str], None] | None = None,
+                cache: RunCache | None = None) -> dict[str, RunResult | None]:
     """Every planned run whose notebook exists and whose inputs were produced; longest first."""
     results: dict[str, RunResult | None] = {}
-    pending = [run for run in plan]
+    pending = list(plan)
+    # A notebook that used up its time once would do so again: its later runs are dropped.
+    timed_out: set[str] = set()
+    notebook_of = {run.run_id: run.notebook for run in plan}
     threads = max(1, (os.cpu_count() or 2) // workers)
 
     def start(run: PlannedRun) -> RunResult:
@@ -139,14 +144,22 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
             source = source() if callable(source) else source
             source = source if source.is_absolute() else work_root / source
             shutil.copyfile(source, work_dir / name)
-        return run_notebook(RunSpec(
+        spec = RunSpec(
             run_id=run.run_id, notebook=submission.notebooks[run.notebook], work_dir=work_dir,
             parameters=run.parameters, scale=run.scale, profile=profile, data_root=data_root,
-            device=device, threads=threads, expected_artifacts=list(run.expected)))
+            device=device, threads=threads, expected_artifacts=list(run.expected))
+        if cache is None:
+            return run_notebook(spec)
+        key = cache.key(spec, sandbox_available())
+        result = cache.load(key, spec)
+        if result is None:
+            result = run_notebook(spec)
+            cache.store(key, spec, result)
+        return result
 
     def ready(run: PlannedRun) -> bool | None:
         """True to start, None to drop (notebook or a dependency missing), False to wait."""
-        if submission.notebooks.get(run.notebook) is None:
+        if submission.notebooks.get(run.notebook) is None or run.notebook in timed_out:
             return None
         for dependency in run.after:
             if dependency not in results:
@@ -172,6 +185,8 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
             for future in done:
                 run_id = running.pop(future)
                 results[run_id] = future.result()
+                if results[run_id].failure and results[run_id].failure.kind == "timeout":
+                    timed_out.add(notebook_of[run_id])
                 if on_done:
                     on_done(run_id)
     return results
@@ -321,7 +336,7 @@ def _strip_private(facts: object) -> object:
 def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Path | None = None,
           device: str | None = None, workers: int = 2, rubric_path: Path | None = None,
           cache_root: Path | None = None, keep_work: bool = False,
-          on_progress: Callable[[str], None] | None = None) -> dict:
+          on_progress: Callable[[str], None] | None = None, run_cache: Path | None = None) -> dict:
     """Grade one submission and write result.json, report.html and the executed notebooks."""
     started = time.monotonic()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,7 +360,7 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         own_lambda = student_lambda(submission.notebooks["sparsity_train"])
         plan = plan_runs(profile, bundle, device, edge_input, own_lambda)
         results = execute_all(plan, submission, work_root, profile, data_root, device, workers,
-                              on_progress)
+                              on_progress, RunCache(run_cache) if run_cache else None)
         evaluation = evaluate_all(results, work_root, data, edge_state, own_lambda)
         evaluation["prepare"] = {"refused_entries": submission.refused_entries,
                                  "missing_notebooks": submission.missing}
@@ -356,7 +371,8 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         for run_id, result in results.items():
             if result is not None and result.executed_notebook.exists():
                 shutil.copyfile(result.executed_notebook, notebooks_dir / f"{run_id}.ipynb")
-        failures = [f for f in (_failure_dict(r) for r in results.values() if r) if f]
+        failures = list({(f["notebook"], f["kind"], f["message"]): f for f in
+                         (_failure_dict(r) for r in results.values() if r) if f}.values())
         failures += [{"notebook": f"{name}.ipynb", "run": None, "kind": "missing-artifact",
                       "message": f"{name}.ipynb was not found in the submission: hand it in.",
                       "cell_index": None, "error_tail": ""} for name in submission.missing]

@@ -35,9 +35,10 @@ MESSAGE_CHARS = 2000
 EVIDENCE_ITEMS = 30
 EVIDENCE_DETAILS = 20
 DETAIL_CHARS = 600
-ERROR_TAIL_LINES = 40
+ERROR_TAIL_LINES = 25
 ERROR_TAIL_CHARS = 6000
-PRINTED_LINES = 60
+PRINTED_HEAD = 10  # first and last lines of what a notebook printed (the end matters most)
+PRINTED_TAIL = 20
 PRINTED_LINE_CHARS = 300
 COPY_DIFFERENCES = 15
 CFG_CHARS = 400
@@ -72,13 +73,15 @@ def write_result(result: dict, out_dir: Path) -> Path:
 
 
 def write_report(result: dict, out_dir: Path) -> Path:
-    """out_dir/report.html: one self-contained page (inline CSS and plots, no script)."""
-    html = report_html(result)
+    """out_dir/report.html: one self-contained page (inline CSS and plots, no script).
+
+    The executed notebooks already in out_dir/notebooks/<run id>.ipynb are linked."""
+    html = report_html(result, Path(out_dir))
     return _write_atomically(Path(out_dir) / "report.html", html)
 
 
-def report_html(result: dict) -> str:
-    return _environment().get_template("report.html.j2").render(r=report_view(result))
+def report_html(result: dict, out_dir: Path | None = None) -> str:
+    return _environment().get_template("report.html.j2").render(r=report_view(result, out_dir))
 
 
 def gradescope_results(result: dict) -> dict:
@@ -227,7 +230,7 @@ def _fraction(value: object) -> str:
 
 def _points(value: object) -> str:
     number = _number(value)
-    return "-" if number is None else f"{round(number, 2):g}"
+    return "\u2013" if number is None else f"{round(number, 2):g}"
 
 
 def _seconds(value: object) -> str:
@@ -251,7 +254,7 @@ def _cfg_kept(cfg: object) -> list[int] | None:
 
 # ---------------------------------------------------------------- the view of a result
 
-def report_view(result: dict) -> dict:
+def report_view(result: dict, out_dir: Path | None = None) -> dict:
     """Everything the template shows, already made safe to read: plain strings and numbers."""
     result = _dict(result)
     metrics = _dict(result.get("metrics"))
@@ -271,12 +274,10 @@ def report_view(result: dict) -> dict:
         "pruning": _pruning(metrics),
         "sparsity": _sparsity(metrics),
         "accuracy_rows": _accuracy_rows(metrics),
-        "runs": _runs(metrics),
+        "runs": _runs(metrics, out_dir),
         "failures": failures,
         "handed_in": _handed_in(result),
         "environment": _environment_rows(result),
-        "limits": {"printed": PRINTED_LINES, "copy": COPY_DIFFERENCES,
-                   "tail_lines": ERROR_TAIL_LINES},
     }
 
 
@@ -345,10 +346,10 @@ def _failures(result: dict) -> list[dict]:
         cell = raw.get("cell_index")
         failures.append({
             "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
-            "run": _text(raw.get("run"), 100) or NOT_AVAILABLE,
+            "run": _text(raw.get("run"), 100),
             "kind": _text(raw.get("kind"), 100) or "unknown",
             "message": _text(raw.get("message")),
-            "cell": str(cell) if isinstance(cell, int) and not isinstance(cell, bool) else NOT_AVAILABLE,
+            "cell": str(cell) if isinstance(cell, int) and not isinstance(cell, bool) else "",
             "tail": tail,
             "tail_note": note,
         })
@@ -381,7 +382,8 @@ def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: 
     automatic = counts["pass"] + counts["fail"] + counts["error"]
     mistakes = [d["id"] for d in diagnoses if d["severity"] != "info"]
     if not checks:
-        verdict = "No check could be run; see the failures below."
+        verdict = ("No check could be run; see the failures below." if failures
+                   else "No grading result is available.")
     elif automatic and counts["error"] == automatic:
         verdict = "None of the notebooks could be graded: they did not run to the end (see Failures)."
     elif counts["pass"] == automatic and not mistakes and not failures:
@@ -511,7 +513,9 @@ def _pruning(metrics: dict) -> dict:
             "ratio": ratio,
             "reference_kept": ", ".join(map(str, ref)) if ref else NOT_AVAILABLE,
             "student_kept": ", ".join(map(str, yours)) if yours else NOT_AVAILABLE,
-            "kept_match": None if not (ref and yours) else ref == yours,
+            "kept_match": (facts["mask_correct"] if isinstance(facts.get("mask_correct"), bool)
+                           else None if not (ref and yours) else ref == yours),
+            "layers_wrong": ", ".join(map(str, _int_list(facts.get("mask_layers_wrong")) or [])),
             "cfg": _text(facts.get("cfg"), CFG_CHARS) if facts.get("cfg") is not None else NOT_AVAILABLE,
             "claimed_ratio": _fixed(facts.get("claimed_prune_ratio"), 2),
             "majority": _fraction(facts.get("majority_fraction")),
@@ -577,16 +581,27 @@ def _accuracy_rows(metrics: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- runs, handed-in, environment
 
-def _runs(metrics: dict) -> list[dict]:
+SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _runs(metrics: dict, out_dir: Path | None) -> list[dict]:
     rows = []
     for run_id, raw in _dict(metrics.get("runs")).items():
         raw = _dict(raw)
-        images = _list(raw.get("images"))
+        failure = _dict(raw.get("failure"))
+        status = ("skipped" if raw.get("skipped") else
+                  "failed" if raw.get("failed") or failure else "finished")
+        link = ""
+        if (out_dir is not None and isinstance(run_id, str) and SAFE_RUN_ID.fullmatch(run_id)
+                and (out_dir / "notebooks" / f"{run_id}.ipynb").is_file()):
+            link = f"notebooks/{run_id}.ipynb"  # relative: a local file next to the report
         rows.append({"id": _text(run_id, 100), "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
                      "duration": _seconds(raw.get("duration_s")),
-                     "failed": bool(raw.get("failed")),
-                     "images": len(images),
-                     "truncated": bool(raw.get("output_truncated"))})
+                     "status": status,
+                     "kind": _text(failure.get("kind"), 50),
+                     "images": len(_list(raw.get("images"))),
+                     "truncated": bool(raw.get("output_truncated")),
+                     "link": link})
     return rows
 
 
@@ -594,13 +609,17 @@ def _handed_in(result: dict) -> list[dict]:
     notebooks = []
     for name, raw in _dict(result.get("handed_in")).items():
         raw = _dict(raw)
-        printed = _list(raw.get("printed"))
-        lines = [_text(line, PRINTED_LINE_CHARS) for line in printed[:PRINTED_LINES]]
+        printed = [_text(line, PRINTED_LINE_CHARS) for line in _list(raw.get("printed"))]
+        hidden = max(0, len(printed) - PRINTED_HEAD - PRINTED_TAIL)
+        if hidden:
+            printed = (printed[:PRINTED_HEAD] + [f"[... {hidden} line(s) left out ...]"]
+                       + printed[-PRINTED_TAIL:])
         notebooks.append({"name": _text(name, 100), "found": bool(raw.get("found")),
-                          "path": _text(raw.get("path"), 500) or NOT_AVAILABLE,
-                          "printed": "\n".join(lines),
-                          "printed_count": len(printed),
-                          "hidden": max(0, len(printed) - PRINTED_LINES)})
+                          "path": _text(raw.get("path"), 500),
+                          "unreadable": _text(raw.get("unreadable")),
+                          "printed": "\n".join(printed),
+                          "printed_count": len(_list(raw.get("printed"))),
+                          "hidden": hidden})
     return notebooks
 
 

@@ -12,8 +12,9 @@ submissions' work dirs, the output folder.
 
 Processes are capped with RLIMIT_NPROC, set by ``grader.runtime.launch`` inside the
 sandbox. Linux never enforces that limit on root, so when the grader runs as root the
-launcher also drops to the unprivileged user ``nobody`` (which also leaves root's
-capabilities outside the sandbox) and the work dir is handed to that user.
+launcher also drops to the unprivileged user ``nobody`` and the work dir is handed to
+that user; dropping root also sheds its capabilities, without which a kernel could
+mount file systems or create device nodes and see past the sandbox.
 Memory is watched from outside by the executor (``grader.execute``).
 """
 from __future__ import annotations
@@ -39,9 +40,10 @@ log = logging.getLogger(__name__)
 
 # The uid/gid of "nobody" on Linux distributions; used only when the grader is root.
 UNPRIVILEGED_ID = 65534
-# Tasks (processes and threads) the kernel may own; a kernel with torch and a few
-# DataLoader workers stays under 150, a fork bomb does not.
-MAX_PROCESSES = 512
+# Tasks (processes and threads) the kernel may own: a kernel with torch and a few
+# DataLoader workers stays under 60, a fork bomb does not. When the grader is root,
+# all sandboxed kernels share the user "nobody" and so this one budget.
+MAX_PROCESSES = 1024
 TMP_BYTES = 512 * 1024 * 1024
 SHM_BYTES = 1024 * 1024 * 1024
 SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -102,7 +104,7 @@ def sandbox_user() -> tuple[int, int] | None:
 
 
 def hand_over(folder: Path) -> None:
-    """Give ``folder`` and its contents to the sandbox user, so a kernel that dropped root can write."""
+    """Give ``folder``, recursively, to the sandbox user, who the kernel runs as after root."""
     user = sandbox_user()
     if user is None:
         return
@@ -249,7 +251,7 @@ def launched_process(km: AsyncKernelManager) -> psutil.Process | None:
 
 
 def kernel_process(km: AsyncKernelManager) -> psutil.Process | None:
-    """The ipykernel process itself: the launched process, or its shallowest ipykernel descendant."""
+    """The ipykernel process: the launched process, or its shallowest ipykernel descendant."""
     level = [p for p in [launched_process(km)] if p is not None]
     while level:
         following: list[psutil.Process] = []

@@ -11,6 +11,7 @@ Layout of a bundle folder::
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -172,10 +173,14 @@ def ensure_bundle(profile: Profile, cache_root: str | Path | None = None,
                   progress: bool | None = None) -> Path:
     """The cached bundle of ``profile``, built once per profile fingerprint and torch version."""
     folder = Path(cache_root or default_cache_root()) / f"{profile.name}-{profile.fingerprint()}"
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        cached = json.loads(manifest.read_text())
-        if cached.get("environment", {}).get("torch") == torch.__version__:
-            return folder
-    build_bundle(profile, folder, data_root, device, progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: parallel graders wait for the first one's bundle.
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = folder / MANIFEST
+        if manifest.is_file():
+            cached = json.loads(manifest.read_text())
+            if cached.get("environment", {}).get("torch") == torch.__version__:
+                return folder
+        build_bundle(profile, folder, data_root, device, progress)
     return folder

@@ -44,7 +44,10 @@ def kept_channels(series: dict[str, list[int]]) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / max(1, len(series))
     for i, (label, counts) in enumerate(series.items()):
-        ax.bar([k + i * width for k in range(len(counts))], counts, width=width, label=label)
+        offset = (i - (len(series) - 1) / 2) * width  # each group centred on its layer's tick
+        ax.bar([k + offset for k in range(len(counts))], counts, width=width, label=label)
+    layers = max((len(counts) for counts in series.values()), default=0)
+    ax.set_xticks(range(layers))
     ax.set_xlabel("BN layer")
     ax.set_ylabel("kept channels")
     ax.legend()

@@ -6,6 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 
+# Fields that govern grading only; changing them keeps the cached expected bundle.
+NOT_IN_BUNDLE = {"cell_timeout_s", "run_timeout_s", "memory_limit_mb", "output_limit_bytes",
+                 "accuracy_band_pct", "gamma_band"}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -42,8 +47,9 @@ class Profile:
         return max(self.prune_ratios)
 
     def fingerprint(self) -> str:
-        """Changes whenever anything that shapes the expected bundle changes."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        """Changes whenever anything that shapes the expected bundle changes (not budgets, bands)."""
+        shaping = {k: v for k, v in asdict(self).items() if k not in NOT_IN_BUNDLE}
+        blob = json.dumps(shaping, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def to_dict(self) -> dict:
@@ -53,7 +59,7 @@ class Profile:
 QUICK = Profile(
     name="quick", dataset="digits", width_divisor=8, epochs=12, finetune_epochs=6,
     sparsity_lambda=5e-3, lambda_scale=50.0, seed=1, train_batch_size=64,
-    cell_timeout_s=90, run_timeout_s=180, memory_limit_mb=3072,
+    cell_timeout_s=150, run_timeout_s=300, memory_limit_mb=3072,
     accuracy_band_pct=15.0, recalibration_batches=15,
 )
 

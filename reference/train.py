@@ -97,6 +97,8 @@ def train(model: nn.Module, train_loader: TensorLoader, test_loader: TensorLoade
           epochs: int, lr: float, momentum: float, weight_decay: float, lam: float = 0.0,
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """SGD with the lab's schedule; ``lam > 0`` adds the BN penalty (sparsity training)."""
+    # NHWC runs the narrow convolutions of the small profiles ~1.5x faster on CPU.
+    model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     best: TrainResult | None = None
@@ -108,7 +110,7 @@ def train(model: nn.Module, train_loader: TensorLoader, test_loader: TensorLoade
         total_loss = 0.0
         for x, y in train_loader:
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
             loss.backward()
             if lam:
                 update_bn(model, lam)
@@ -121,7 +123,7 @@ def train(model: nn.Module, train_loader: TensorLoader, test_loader: TensorLoade
         if on_epoch:
             on_epoch(record)
         if best is None or prec1 > best.best_prec1:
-            best = TrainResult({k: v.detach().clone() for k, v in model.state_dict().items()},
+            best = TrainResult({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
                                epoch, prec1, copy.deepcopy(optimizer.state_dict()))
     assert best is not None, "train() needs at least one epoch"
     best.history = history

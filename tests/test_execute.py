@@ -46,7 +46,8 @@ def run(tmp_path: Path, cells: list, profile=PROFILE, **kwargs) -> RunResult:
 # --- without a kernel -------------------------------------------------------------------
 
 def test_assigned_names_sees_module_level_bindings_only():
-    source = ("%matplotlib inline\n!ls\nLAMBDA = 1e-4\nif True:\n    EPOCHS, (SEED, *rest) = 1, (2, 3)\n"
+    source = ("%matplotlib inline\n!ls\nLAMBDA = 1e-4\n"
+              "if True:\n    EPOCHS, (SEED, *rest) = 1, (2, 3)\n"
               "for DEVICE in ['cpu']:\n    pass\ndef f():\n    PRUNE_PERCENT = 0.5\n"
               "MOMENTUM += 0.1\nfrom os import path as WEIGHT_PATH\nx.attr = 1\n")
     assert assigned_names(source) == {"LAMBDA", "EPOCHS", "SEED", "rest", "DEVICE", "f",
@@ -134,7 +135,8 @@ def test_dump_state_converts_to_plain_json_and_skips_the_rest(tmp_path):
     state_file = tmp_path / "state.json"
     namespace = {
         "LAMBDA": np.float32(0.5), "EPOCHS": np.int64(3), "threshold": torch.tensor(0.25),
-        "cfg": [4, "M", 2], "cfg_mask": [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False])],
+        "cfg": [4, "M", 2],
+        "cfg_mask": [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False])],
         "history": [{"epoch": 0, "prec1": torch.tensor(0.5)}], "PRUNE_PERCENT": float("nan"),
         "WEIGHT_PATH": Path("model_best.pth"), "model": torch.nn.Linear(2, 2),
     }
@@ -163,6 +165,15 @@ def test_drive_paths_map_to_the_work_dir_by_basename(monkeypatch, tmp_path):
     assert runtime.drive_path("/contents/x.pth") == "/contents/x.pth"
     assert runtime.drive_path("model_best.pth") == "model_best.pth"
     assert runtime.drive_path(3) == 3
+
+
+def test_unreadable_notebook_is_the_submissions_failure(tmp_path):
+    notebook = tmp_path / "sparsity_train.ipynb"
+    notebook.write_text("{ this is not json")
+    result = run_notebook(RunSpec("broken", notebook, tmp_path / "work", {}, PROFILE))
+    assert result.failure is not None and result.failure.kind == "exception"
+    assert result.failure.message.startswith("sparsity_train.ipynb could not be read as a notebook")
+    assert result.executed_notebook.is_file() and result.state == {}
 
 
 # --- with a kernel ----------------------------------------------------------------------
@@ -293,7 +304,8 @@ COLAB_CELLS = [
     "report['devices'] = [str(t.device), str(next(layer.parameters()).device)]\n"
     "report['loaded'] = torch.load(WEIGHT_PATH)['w'].tolist()",
     "from torchvision import datasets, transforms\n"
-    "train_set = datasets.CIFAR10('./data', train=True, download=True, transform=transforms.Compose([\n"
+    "train_set = datasets.CIFAR10('./data', train=True, download=True,\n"
+    "                             transform=transforms.Compose([\n"
     "    transforms.Pad(4), transforms.RandomCrop(32), transforms.RandomHorizontalFlip(),\n"
     "    transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))\n"
     "test_set = datasets.CIFAR10('./data', train=False, download=True)\n"
@@ -301,7 +313,8 @@ COLAB_CELLS = [
     "x, y = next(iter(loader))\n"
     "report['batch'] = [list(x.shape), float(x.min()), float(x.max()), str(y.dtype)]\n"
     "report['sizes'] = [len(train_set), len(test_set), list(test_set.data.shape)]\n"
-    "report['sample'] = [type(test_set[0][0]).__name__, test_set[0][0].mode, type(test_set.targets[0]).__name__]\n"
+    "image, label = test_set[0]\n"
+    "report['sample'] = [type(image).__name__, image.mode, type(label).__name__]\n"
     "report['downloaded'] = os.path.exists('data')",
     "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
     "import sys\nfrom models import vgg\nreport['cfg'] = vgg().cfg\n"

@@ -133,9 +133,10 @@ def test_full_result_renders_and_round_trips(tmp_path: Path) -> None:
     # Summary, truncation notes, the manual points and the info styling are there.
     assert "45 / 60" in html and "40 more points" in html
     assert "not your fault" in html
-    assert "earlier lines left out" in html and "line 199" in html and "line 100" not in html
+    assert "earlier lines left out" in html and "line 199" in html and "line 170" not in html
     assert "\x1b" not in html
-    assert "more line(s) left out" in html  # printed lines capped at 60 of 100
+    assert "70 line(s) left out" in html and "Train Epoch: 99" in html  # first 10 and last 20 of 100
+    assert "Train Epoch: 50" not in html
     assert "more difference(s) left out" in html
 
 

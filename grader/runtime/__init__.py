@@ -1,9 +1,9 @@
-"""Code that runs inside the student's kernel: Colab shims on the way in, a state dump on the way out.
+"""Code that runs inside the student's kernel: Colab shims first, a state dump last.
 
 The executor injects two cells into every notebook it runs::
 
-    import grader.runtime as _slimgrade; _slimgrade.install({...})     # first
-    import grader.runtime as _slimgrade; _slimgrade.dump_state(globals(), 'slimgrade_state.json')  # last
+    import grader.runtime as _slimgrade; _slimgrade.install({...})  # first
+    import grader.runtime as _slimgrade; _slimgrade.dump_state(globals(), STATE_FILE)  # last
 
 ``install`` makes a notebook written for Colab run unchanged on the grading machine:
 
@@ -58,6 +58,8 @@ def install(config: dict) -> None:
 
     Keys: ``work_dir``, ``device`` ('cpu' or 'cuda:N'), ``dataset`` ('digits' or
     'cifar10'), ``data_root`` (or None), ``width_divisor``, ``state_file``, ``threads``.
+    All of them stay readable in ``_settings`` for the rest of the run; the width is
+    already baked into the models/vgg.py the executor wrote.
     """
     _settings.update(config)
     _settings["work_dir"] = os.path.realpath(config["work_dir"])
@@ -112,7 +114,7 @@ def _install_colab_stub() -> None:
 
 
 def _wrap_first_arg(function: Callable) -> Callable:
-    """``function`` with its path argument passed through ``drive_path``; wrapping twice is a no-op."""
+    """``function`` with its path argument passed through ``drive_path`` (idempotent)."""
     if getattr(function, "_slimgrade", False):
         return function
 
@@ -197,12 +199,12 @@ def _profile_data() -> Any:
 
 def _install_cifar10() -> None:
     import torchvision
+    from PIL import Image
     from torch.utils.data import Dataset
 
     class CIFAR10(Dataset):
         """torchvision's CIFAR10 interface over the grading profile's images; never downloads."""
 
-        base_folder = "cifar-10-batches-py"
         classes = CIFAR10_CLASSES
 
         def __init__(self, root: Any, train: bool = True, transform: Callable | None = None,
@@ -220,8 +222,6 @@ def _install_cifar10() -> None:
             return len(self.targets)
 
         def __getitem__(self, index: int) -> tuple[Any, Any]:
-            from PIL import Image
-
             image = Image.fromarray(self.data[index]).convert("RGB")
             target = self.targets[index]
             if self.transform is not None:
@@ -232,8 +232,8 @@ def _install_cifar10() -> None:
 
         def __repr__(self) -> str:
             split = "Train" if self.train else "Test"
-            return f"Dataset CIFAR10 (served by slimgrade)\n    Number of datapoints: {len(self)}\n" \
-                   f"    Split: {split}"
+            return (f"Dataset CIFAR10 (served by slimgrade)\n"
+                    f"    Number of datapoints: {len(self)}\n    Split: {split}")
 
     torchvision.datasets.CIFAR10 = CIFAR10
 

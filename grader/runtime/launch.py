@@ -23,6 +23,9 @@ def main(argv: list[str]) -> None:
     options, command = argv[:split], argv[split + 1:]
     settings = dict(zip(options[::2], options[1::2], strict=True))
     limit = int(settings["--max-processes"])
+    _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)  # only root may raise a hard limit
     resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
     if "--user" in settings:
         uid, gid = (int(part) for part in settings["--user"].split(":"))

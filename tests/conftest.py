@@ -1,0 +1,19 @@
+"""Shared set-up: expected bundles cached inside the repo, never in the user's home."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SLIMGRADE_CACHE", str(REPO / ".cache" / "slimgrade"))
+
+
+@pytest.fixture(scope="session")
+def run_cache(tmp_path_factory) -> Path:
+    """One run cache for the whole session, shared by the xdist workers."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "run-cache"
+    shared.mkdir(parents=True, exist_ok=True)
+    return shared
