@@ -299,6 +299,7 @@ class Task:
     threads: int
     rubric_path: Path | None
     cache_root: Path | None
+    run_cache: Path | None
     parent_pid: int
     grade_function: Callable[..., dict]
 
@@ -341,7 +342,8 @@ def run_task(task: Task) -> None:
         result = task.grade_function(task.source, task.partial, task.profile,
                                      data_root=task.data_root, device=task.device,
                                      workers=task.grade_workers, rubric_path=task.rubric_path,
-                                     cache_root=task.cache_root)
+                                     cache_root=task.cache_root, threads=task.threads,
+                                     run_cache=task.run_cache)
         if not (task.partial / RESULT).is_file():
             if not isinstance(result, dict):
                 raise TypeError("the grading returned no result and wrote no result.json")
@@ -571,10 +573,12 @@ def _clip(text: str, limit: int) -> str:
 
 def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None = None,
                 device: str | None = None, workers: int = 1, force: bool = False,
-                rubric_path: Path | None = None, cache_root: Path | None = None) -> list[dict]:
+                rubric_path: Path | None = None, cache_root: Path | None = None,
+                run_cache: Path | None = None) -> list[dict]:
     """Grade every submission of ``class_dir`` into ``out``; the gradebook rows, in id order.
 
     Submissions already graded (``out/<id>/result.json``) are skipped unless ``force``.
+    ``run_cache`` reuses runs of byte-identical notebooks across submissions.
     """
     class_dir, out = Path(class_dir).resolve(), Path(out).resolve()
     if not class_dir.is_dir():
@@ -596,7 +600,7 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
         if pending:
             ensure_reference(profile, cache_root, data_root, device)
             _Scheduler(book, pending, profile, workers=workers, data_root=data_root, device=device,
-                       rubric_path=rubric_path, cache_root=cache_root).run()
+                       rubric_path=rubric_path, cache_root=cache_root, run_cache=run_cache).run()
         return book.rows()
 
 
@@ -604,12 +608,13 @@ class _Scheduler:
     """Up to ``workers`` grading processes at once; the gradebook rewritten as each ends."""
 
     def __init__(self, book: Gradebook, pending: list[Entry], profile, *, workers: int,
-                 data_root, device, rubric_path, cache_root):
+                 data_root, device, rubric_path, cache_root, run_cache):
         self.book, self.queue, self.profile, self.workers = book, list(pending), profile, workers
         self.options = {"data_root": Path(data_root).resolve() if data_root else None,
                         "device": device,
                         "rubric_path": Path(rubric_path).resolve() if rubric_path else None,
-                        "cache_root": Path(cache_root).resolve() if cache_root else None}
+                        "cache_root": Path(cache_root).resolve() if cache_root else None,
+                        "run_cache": Path(run_cache).resolve() if run_cache else None}
         self.stop = threading.Event()
         self.running: dict[object, tuple[Entry, multiprocessing.Process, Path, bool]] = {}
         self.unstarted: list[str] = []
@@ -647,9 +652,11 @@ class _Scheduler:
 
     def _start(self, entry: Entry) -> None:
         partial = _partial_path(self.book.out, entry.id)
+        grade_workers = max(1, TOTAL_CORES // self.workers)
         task = Task(sid=entry.id, source=entry.path, out=self.book.out, partial=partial,
-                    profile=self.profile, grade_workers=max(1, TOTAL_CORES // self.workers),
-                    threads=max(1, (os.cpu_count() or TOTAL_CORES) // self.workers),
+                    profile=self.profile, grade_workers=grade_workers,
+                    # every kernel of every grading at once shares the cores
+                    threads=max(1, (os.cpu_count() or TOTAL_CORES) // (self.workers * grade_workers)),
                     parent_pid=os.getpid(), grade_function=grade, **self.options)
         process = self.context.Process(target=run_task, args=(task,), name=f"slimgrade-{entry.id}")
         graded_before = is_finished(self.book.out, entry.id)

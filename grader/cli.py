@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=int, default=1, help="submissions graded at once")
     batch.add_argument("--force", action="store_true", help="grade again what is already graded")
     batch.add_argument("--rubric", type=Path, default=None)
+    batch.add_argument("--run-cache", type=Path, default=None,
+                       help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(batch, "quick")
 
     reference = commands.add_parser("reference", help="build a profile's expected bundle")
@@ -145,7 +147,8 @@ def run_batch(args: argparse.Namespace) -> int:
     from grader.batch import grade_class
 
     grade_class(args.path, args.out, _profile(args), data_root=args.data_root, device=args.device,
-                workers=args.workers, force=args.force, rubric_path=args.rubric, cache_root=args.cache)
+                workers=args.workers, force=args.force, rubric_path=args.rubric, cache_root=args.cache,
+                run_cache=args.run_cache)
     return 0
 
 

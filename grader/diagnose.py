@@ -73,12 +73,10 @@ def prune_runs(evaluation: dict) -> Iterator[tuple[str, dict]]:
 
 
 def copy_issues(facts: dict, part: str) -> list[dict]:
-    issues = [d for d in facts.get("copy_differences", []) if d["part"] == part]
-    if part == "bn" and looks_like_train_mode(facts):
-        # Testing in train mode moves running statistics; that is not a copy bug.
-        issues = [d for d in issues if not (d["tensor"] in ("running_mean", "running_var")
-                                            and d["kind"] == "differs")]
-    return [d for d in issues if d["kind"] != "shape" or not has_single_channel_layer(facts)]
+    """Copy mistakes of one part; moved statistics (train mode) and the 1-channel index
+    bug have diagnoses of their own."""
+    return [d for d in facts.get("copy_differences", []) if d["part"] == part
+            and d["kind"] != "moved" and (d["kind"] != "shape" or not has_single_channel_layer(facts))]
 
 
 def has_single_channel_layer(facts: dict) -> bool:
@@ -86,14 +84,27 @@ def has_single_channel_layer(facts: dict) -> bool:
     return 1 in kept
 
 
-def looks_like_train_mode(facts: dict) -> bool:
+def claim_gap(facts: dict) -> bool:
+    """The notebook's last printed accuracy is not what an eval-mode re-test gives."""
     claimed, measured = facts.get("claimed_accuracies") or [], facts.get("accuracy")
     return bool(claimed) and measured is not None and abs(claimed[-1] - measured) > CLAIM_GAP_PCT
+
+
+def moved_statistics(facts: dict) -> list[str]:
+    return [d["detail"] for d in facts.get("copy_differences", []) if d["kind"] == "moved"]
+
+
+def looks_like_train_mode(facts: dict) -> bool:
+    return claim_gap(facts) or bool(moved_statistics(facts))
 
 
 def copy_exact(facts: dict) -> bool:
     return ("copy_differences" in facts and not facts["copy_differences"]
             and facts.get("logits_max_diff", 1.0) <= LOGITS_TOLERANCE)
+
+
+def finding(message: str, evidence: list) -> Finding | None:
+    return (message, evidence) if evidence else None
 
 
 def per_run(evaluation: dict, describe: Callable[[str, dict], list[str]]) -> list:
@@ -107,36 +118,26 @@ def per_run(evaluation: dict, describe: Callable[[str, dict], list[str]]) -> lis
 
 # ---------------------------------------------------------------- vggprune: copying
 
-@diagnosis("bn-copy-bug", "vggprune",
-           "Copy weight, bias, running_mean and running_var of every kept BN channel: "
-           "m1.running_mean = m0.running_mean[idx1].clone(), and likewise for the others.")
-def bn_copy_bug(evaluation: dict) -> Finding | None:
-    evidence = per_run(evaluation, lambda _, f: [d["detail"] for d in copy_issues(f, "bn")])
-    if not evidence:
-        return None
-    first = evidence[0]["details"][0]
-    return (f"BatchNorm tensors of the pruned model are not the kept slices of the original "
-            f"(e.g. {first}).", evidence)
+def copy_diagnosis(part: str, message: str) -> Detector:
+    """Thin tensors of one kind (bn, linear, conv) that are not their kept slices."""
+    def detect(evaluation: dict) -> Finding | None:
+        evidence = per_run(evaluation, lambda _, f: [d["detail"] for d in copy_issues(f, part)])
+        return (f"{message} (e.g. {evidence[0]['details'][0]}).", evidence) if evidence else None
+    return detect
 
 
-@diagnosis("linear-copy-bug", "vggprune",
-           "The classifier keeps only the input columns of kept channels: "
-           "m1.weight.data = m0.weight.data[:, idx0].clone(); its bias is copied whole.")
-def linear_copy_bug(evaluation: dict) -> Finding | None:
-    evidence = per_run(evaluation, lambda _, f: [d["detail"] for d in copy_issues(f, "linear")])
-    if not evidence:
-        return None
-    return f"The pruned classifier is not copied from the original ({evidence[0]['details'][0]}).", evidence
-
-
-@diagnosis("conv-slice-bug", "vggprune",
-           "A conv weight keeps output channels idx1 and input channels idx0: "
-           "w = m0.weight.data[:, idx0, :, :]; w = w[idx1, :, :, :].")
-def conv_slice_bug(evaluation: dict) -> Finding | None:
-    evidence = per_run(evaluation, lambda _, f: [d["detail"] for d in copy_issues(f, "conv")])
-    if not evidence:
-        return None
-    return f"Conv weights of the pruned model are not the kept slices ({evidence[0]['details'][0]}).", evidence
+diagnosis("bn-copy-bug", "vggprune",
+          "Copy weight, bias, running_mean and running_var of every kept BN channel: "
+          "m1.running_mean = m0.running_mean[idx1].clone(), and likewise for the others.")(
+    copy_diagnosis("bn", "BatchNorm tensors of the pruned model are not the kept slices of the original"))
+diagnosis("linear-copy-bug", "vggprune",
+          "The classifier keeps only the input columns of kept channels: "
+          "m1.weight.data = m0.weight.data[:, idx0].clone(); its bias is copied whole.")(
+    copy_diagnosis("linear", "The pruned classifier is not copied from the original"))
+diagnosis("conv-slice-bug", "vggprune",
+          "A conv weight keeps output channels idx1 and input channels idx0: "
+          "w = m0.weight.data[:, idx0, :, :]; w = w[idx1, :, :, :].")(
+    copy_diagnosis("conv", "Conv weights of the pruned model are not the kept slices"))
 
 
 @diagnosis("bn-statistics-shift", "vggprune",
@@ -159,10 +160,8 @@ def bn_statistics_shift(evaluation: dict) -> Finding | None:
                     f"{facts['logits_max_diff']:.2g}): every tensor was copied exactly",
                     f"after re-estimating BN statistics: {facts['accuracy_recalibrated']:.1f}%",
                 ]})
-    if not evidence:
-        return None
-    return ("The pruned model predicts one class because of the BN statistics shift, not a copy "
-            "bug: the copy is exact and BN recalibration recovers the accuracy.", evidence)
+    return finding("The pruned model predicts one class because of the BN statistics shift, not a "
+                   "copy bug: the copy is exact and BN recalibration recovers the accuracy.", evidence)
 
 
 # ---------------------------------------------------------------- vggprune: masks
@@ -204,9 +203,7 @@ def min_channel_first_k(evaluation: dict) -> Finding | None:
         [f"in BN layer(s) {f['kept_not_top_k']} the min-channel rule kept channels that are not "
          "that layer's largest |gamma|"] if f.get("kept_not_top_k") or f.get("mask_strategy") == "first-k"
         else []))
-    if not evidence:
-        return None
-    return "The min-channel rule keeps a layer's first channels instead of its strongest.", evidence
+    return finding("The min-channel rule keeps a layer's first channels instead of its strongest.", evidence)
 
 
 @diagnosis("single-channel-index", "vggprune",
@@ -223,9 +220,7 @@ def single_channel_index(evaluation: dict) -> Finding | None:
             broken.append(facts["run_failure"])
         return broken[:4]
     evidence = per_run(evaluation, describe)
-    if not evidence:
-        return None
-    return "A layer left with one channel lost a tensor dimension while copying.", evidence
+    return finding("A layer left with one channel lost a tensor dimension while copying.", evidence)
 
 
 @diagnosis("layer-zero-channels", "vggprune",
@@ -234,9 +229,7 @@ def layer_zero_channels(evaluation: dict) -> Finding | None:
     evidence = per_run(evaluation, lambda _, f: (
         [f"cfg {f.get('state_cfg')} holds a layer with 0 channels"]
         if 0 in [v for v in (f.get("state_cfg") or []) if v != "M"] else []))
-    if not evidence:
-        return None
-    return "A layer was left with no channel at all, so the thin model cannot be built.", evidence
+    return finding("A layer was left with no channel at all, so the thin model cannot be built.", evidence)
 
 
 @diagnosis("tested-train-mode", "vggprune",
@@ -245,10 +238,9 @@ def layer_zero_channels(evaluation: dict) -> Finding | None:
 def tested_train_mode(evaluation: dict) -> Finding | None:
     evidence = per_run(evaluation, lambda _, f: (
         [f"the notebook printed {f['claimed_accuracies'][-1]:.1f}% for the pruned model; the "
-         f"grader's eval-mode re-test gives {f['accuracy']:.1f}%"] if looks_like_train_mode(f) else []))
-    if not evidence:
-        return None
-    return "The reported accuracy was measured in train mode.", evidence
+         f"grader's eval-mode re-test gives {f['accuracy']:.1f}%"] if claim_gap(f) else [])
+        + moved_statistics(f)[:3])
+    return finding("The reported accuracy was measured in train mode.", evidence)
 
 
 @diagnosis("unsafe-checkpoint", "vggprune",
@@ -258,9 +250,7 @@ def unsafe_checkpoint(evaluation: dict) -> Finding | None:
     evidence = [{"run": label, "details": [facts["checkpoint_error"]]}
                 for label, facts in prune_runs(evaluation)
                 if "Python objects" in facts.get("checkpoint_error", "")]
-    if not evidence:
-        return None
-    return "A checkpoint holds objects that would run code when loaded; it was refused.", evidence
+    return finding("A checkpoint holds objects that would run code when loaded; it was refused.", evidence)
 
 
 # ---------------------------------------------------------------- sparsity_train: updateBN

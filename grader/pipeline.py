@@ -127,15 +127,17 @@ def plan_runs(profile: Profile, bundle: Path, device: str, edge_input: Callable[
 
 def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path, profile: Profile,
                 data_root: Path | None, device: str, workers: int,
-                on_done: Callable[[str], None] | None = None,
-                cache: RunCache | None = None) -> dict[str, RunResult | None]:
-    """Every planned run whose notebook exists and whose inputs were produced; longest first."""
+                on_done: Callable[[str], None] | None = None, cache: RunCache | None = None,
+                execute: Callable[[RunSpec], RunResult] = run_notebook,
+                threads: int | None = None) -> dict[str, RunResult | None]:
+    """Every planned run whose notebook exists and whose inputs were produced, ``workers`` at
+    a time, each kernel with ``threads`` torch threads (default: the cores shared out)."""
+    threads = threads or max(1, (os.cpu_count() or 2) // workers)
     results: dict[str, RunResult | None] = {}
     pending = list(plan)
     # A notebook that used up its time once would do so again: its later runs are dropped.
     timed_out: set[str] = set()
     notebook_of = {run.run_id: run.notebook for run in plan}
-    threads = max(1, (os.cpu_count() or 2) // workers)
 
     def start(run: PlannedRun) -> RunResult:
         work_dir = work_root / run.run_id
@@ -149,13 +151,8 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
             parameters=run.parameters, scale=run.scale, profile=profile, data_root=data_root,
             device=device, threads=threads, expected_artifacts=list(run.expected))
         if cache is None:
-            return run_notebook(spec)
-        key = cache.key(spec, sandbox_available())
-        result = cache.load(key, spec)
-        if result is None:
-            result = run_notebook(spec)
-            cache.store(key, spec, result)
-        return result
+            return execute(spec)
+        return cache.run(spec, sandbox_available(), execute)
 
     def ready(run: PlannedRun) -> bool | None:
         """True to start, None to drop (notebook or a dependency missing), False to wait."""
@@ -176,7 +173,7 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
                 if verdict is None:
                     results[run.run_id] = None
                     pending.remove(run)
-                elif verdict:
+                elif verdict and len(running) < workers:  # queued runs could not be dropped
                     running[pool.submit(start, run)] = run.run_id
                     pending.remove(run)
             if not running:
@@ -336,8 +333,13 @@ def _strip_private(facts: object) -> object:
 def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Path | None = None,
           device: str | None = None, workers: int = 2, rubric_path: Path | None = None,
           cache_root: Path | None = None, keep_work: bool = False,
-          on_progress: Callable[[str], None] | None = None, run_cache: Path | None = None) -> dict:
-    """Grade one submission and write result.json, report.html and the executed notebooks."""
+          on_progress: Callable[[str], None] | None = None, run_cache: Path | None = None,
+          threads: int | None = None) -> dict:
+    """Grade one submission and write result.json, report.html and the executed notebooks.
+
+    ``threads`` is each kernel's torch thread count; pass it when several gradings share
+    the machine (by default the cores are shared among this grading's ``workers``).
+    """
     started = time.monotonic()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +362,8 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         own_lambda = student_lambda(submission.notebooks["sparsity_train"])
         plan = plan_runs(profile, bundle, device, edge_input, own_lambda)
         results = execute_all(plan, submission, work_root, profile, data_root, device, workers,
-                              on_progress, RunCache(run_cache) if run_cache else None)
+                              on_progress, RunCache(run_cache) if run_cache else None,
+                              threads=threads)
         evaluation = evaluate_all(results, work_root, data, edge_state, own_lambda)
         evaluation["prepare"] = {"refused_entries": submission.refused_entries,
                                  "missing_notebooks": submission.missing}

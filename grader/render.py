@@ -134,6 +134,7 @@ def _write_atomically(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is for TAs and tools to read
         with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as handle:
             handle.write(text)
             handle.flush()
@@ -174,9 +175,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["pct"] = _pct
     env.filters["points"] = _points
-    env.filters["seconds"] = _seconds
     return env
 
 
@@ -455,15 +454,40 @@ def _sparsity(metrics: dict) -> dict:
     }
     histograms = {label: h for label, stats in series.items() if (h := _histogram(stats))}
     plot = _data_uri(lambda: plots.gamma_histogram(histograms)) if histograms else None
+    thresholds = sorted({str(t) for stats in series.values() for t in _dict(stats.get("fraction_below"))
+                         if _threshold(t) is not None}, key=_threshold)[:6] or ["0.01"]
     rows = []
     for label, stats in series.items():
         below = _dict(stats.get("fraction_below"))
         rows.append({"label": label, "mean_abs": _fixed(stats.get("mean_abs"), 4),
-                     "below": {t: _fraction(below.get(t)) for t in ("0.001", "0.01", "0.1")}})
+                     "below": [_fraction(below.get(t)) for t in thresholds]})
     errors = [f"{name}: {_text(_dict(sparsity.get(name)).get('error'))}"
               for name in ("lambda", "lambda0") if _dict(sparsity.get(name)).get("error")]
-    return {"plot": plot, "rows": rows, "errors": errors,
+    return {"plot": plot, "rows": rows, "errors": errors, "thresholds": thresholds,
             "missing": [label for label in series if label not in histograms]}
+
+
+def _threshold(key: object) -> float | None:
+    try:
+        value = float(str(key))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _general(value: object) -> str:
+    number = _number(value)
+    return NOT_AVAILABLE if number is None else f"{number:.4g}"
+
+
+def _count(value: object) -> str:
+    number = _number(value)
+    if number is None:
+        return NOT_AVAILABLE
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= limit:
+            return f"{number / limit:.3g}{suffix}"
+    return f"{number:g}"
 
 
 def _fixed(value: object, digits: int) -> str:
@@ -518,6 +542,11 @@ def _pruning(metrics: dict) -> dict:
             "layers_wrong": ", ".join(map(str, _int_list(facts.get("mask_layers_wrong")) or [])),
             "cfg": _text(facts.get("cfg"), CFG_CHARS) if facts.get("cfg") is not None else NOT_AVAILABLE,
             "claimed_ratio": _fixed(facts.get("claimed_prune_ratio"), 2),
+            "threshold_claimed": _general(facts.get("threshold_claimed")),
+            "threshold_reference": _general(facts.get("threshold_reference")),
+            "size": (f"{_count(facts.get('parameters'))} parameters, {_count(facts.get('macs'))} MACs"
+                     if _number(facts.get("parameters")) is not None else NOT_AVAILABLE),
+            "logits_gap": _general(facts.get("logits_max_diff")),
             "majority": _fraction(facts.get("majority_fraction")),
             "mask_strategy": _text(facts.get("mask_strategy"), 100) or NOT_AVAILABLE,
             "problems": problems,
@@ -531,11 +560,14 @@ def _pruning(metrics: dict) -> dict:
     return {"plots": plots_, "runs": runs}
 
 
-def _last_claim(facts: dict) -> object:
+def _last_claim(facts: dict) -> float | None:
+    """The last accuracy the notebook printed, else the best_prec1 its checkpoint saved (in %)."""
     claims = [c for c in _list(facts.get("claimed_accuracies")) if _number(c) is not None]
     if claims:
-        return claims[-1]
-    return facts.get("claimed_best_prec1")
+        return _number(claims[-1])
+    best = _number(facts.get("claimed_best_prec1"))
+    # The lab's test() returns a fraction (correct / total), so best_prec1 is usually in [0, 1].
+    return 100.0 * best if best is not None and 0.0 <= best <= 1.0 else best
 
 
 def _accuracy_rows(metrics: dict) -> list[dict]:

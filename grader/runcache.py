@@ -9,12 +9,15 @@ so a killed grading never leaves half an entry.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from grader import __version__
@@ -48,6 +51,22 @@ class RunCache:
             "expected": spec.expected_artifacts, "sandboxed": sandboxed,
         }, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def run(self, spec: RunSpec, sandboxed: bool, execute: Callable[[RunSpec], RunResult]) -> RunResult:
+        """The cached result of ``spec``, or ``execute(spec)`` stored for next time."""
+        key = self.key(spec, sandboxed)
+        with self._locked(key):  # a twin run started elsewhere finishes first, then is reused
+            result = self.load(key, spec)
+            if result is None:
+                result = execute(spec)
+                self.store(key, spec, result)
+        return result
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        with open(self.root / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def load(self, key: str, spec: RunSpec) -> RunResult | None:
         entry = self.root / key

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from grader.diagnose import Diagnosis, copy_issues, looks_like_train_mode
+from grader.diagnose import Diagnosis, copy_exact, copy_issues, looks_like_train_mode
 
 UPDATEBN_FAMILY = {"updatebn-after-step", "updatebn-wrong-sign", "updatebn-not-sign",
                    "updatebn-on-weights", "l1-all-parameters"}
@@ -167,7 +167,8 @@ def copy_linear_bias(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict)
 
 
 def prune_done(key: str) -> CheckFunction:
-    """Half for a thin model that loads and runs, half for masks equal to the reference."""
+    """A third each: a thin model that loads and runs, masks equal to the reference, and a
+    thin model that computes what the masked original computes."""
     def judge(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
         facts = evaluation.get("prune", {}).get(key, {})
         problem = facts.get("error") or facts.get("checkpoint_error") or facts.get("thin_error")
@@ -175,14 +176,16 @@ def prune_done(key: str) -> CheckFunction:
             return 0.0, problem
         built = "accuracy" in facts
         masks_right = facts.get("mask_correct", False)
-        fraction = 0.5 * built + 0.5 * masks_right
+        same_function = copy_exact(facts)
         parts = [f"thin model cfg {facts.get('cfg')}" if built else "no usable thin model",
                  "masks equal the reference" if masks_right else
                  f"masks differ from the reference in layers {facts.get('mask_layers_wrong')}"
-                 if facts.get("masks_reported") else "cfg_mask was not found in the notebook"]
+                 if facts.get("masks_reported") else "cfg_mask was not found in the notebook",
+                 "its logits equal the masked original's" if same_function else
+                 "its logits differ from the masked original's"]
         if looks_like_train_mode(facts):
-            parts.append("accuracy printed in train mode")
-        return fraction, "; ".join(parts) + "."
+            parts.append("tested in train mode")
+        return (built + masks_right + same_function) / 3, "; ".join(parts) + "."
     return judge
 
 

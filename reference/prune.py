@@ -55,6 +55,11 @@ def compute_masks(model: nn.Module, percent: float, min_channels: int = 0) -> Pr
     """cfg (kept channels per layer, 'M' kept in place) and cfg_mask under one global threshold."""
     threshold = global_threshold(model, percent)
     masks = [layer_mask(bn.weight, threshold, min_channels) for bn in bn_layers(model)]
+    return PruneResult(threshold, cfg_from_masks(model, masks), masks)
+
+
+def cfg_from_masks(model: nn.Module, masks: list) -> list[int | str]:
+    """Kept channels per BN layer, with an 'M' wherever ``model`` has a max-pool."""
     cfg: list[int | str] = []
     layer = 0
     for module in model.feature:
@@ -63,7 +68,7 @@ def compute_masks(model: nn.Module, percent: float, min_channels: int = 0) -> Pr
         elif isinstance(module, nn.BatchNorm2d):
             cfg.append(int(masks[layer].sum()))
             layer += 1
-    return PruneResult(threshold, cfg, masks)
+    return cfg
 
 
 def zero_cut_channels_(model: nn.Module, cfg_mask: list[torch.Tensor]) -> None:

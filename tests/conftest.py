@@ -12,7 +12,13 @@ os.environ.setdefault("SLIMGRADE_CACHE", str(REPO / ".cache" / "slimgrade"))
 
 @pytest.fixture(scope="session")
 def run_cache(tmp_path_factory) -> Path:
-    """One run cache for the whole session, shared by the xdist workers."""
+    """One run cache for the whole session, shared by the xdist workers.
+
+    SLIMGRADE_TEST_RUN_CACHE keeps it across sessions (for work on the evaluation side
+    only: a cached run does not notice changes to the executor or the runtime).
+    """
+    if os.environ.get("SLIMGRADE_TEST_RUN_CACHE"):
+        return Path(os.environ["SLIMGRADE_TEST_RUN_CACHE"])
     root = tmp_path_factory.getbasetemp()
     shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "run-cache"
     shared.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ HOSTILE_MESSAGE = '<script>alert("pwned")</script> & "quoted" <b onmouseover=x>'
 # ---------------------------------------------------------------- the fakes (module level: picklable)
 
 def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, workers=2,
-               rubric_path=None, cache_root=None, keep_work=False, on_progress=None) -> dict:
+               rubric_path=None, cache_root=None, keep_work=False, on_progress=None,
+               run_cache=None, threads=None) -> dict:
     """Writes a plausible result.json, report.html and notebooks/ in a blink.
 
     A submission named ``broken*`` raises PrepareError (no notebooks), ``crash*``
@@ -440,8 +441,9 @@ def test_a_missing_class_folder_is_a_usage_error(tmp_path):
 # ---------------------------------------------------------------- the real pipeline
 
 @pytest.mark.slow
-def test_real_batch_on_fixtures(tmp_path):
-    sources = [FIXTURES / "solution", FIXTURES / "no-running-stats"]
+def test_real_batch_on_fixtures(tmp_path, run_cache):
+    sources = [FIXTURES / "solution", FIXTURES / "no-running-stats", FIXTURES / "forges-result",
+               FIXTURES / "pickle-bomb", FIXTURES / "reads-outside"]
     missing = [str(p) for p in sources if not (p / "expected.json").is_file()]
     if missing:
         pytest.skip(f"fixtures not generated yet: {', '.join(missing)}")
@@ -454,15 +456,19 @@ def test_real_batch_on_fixtures(tmp_path):
     for source in sources:
         shutil.copytree(source, root / source.name)
     out = tmp_path / "out"
-    rows = batch.grade_class(root, out, quick_profile(), workers=2)
+    rows = batch.grade_class(root, out, quick_profile(), workers=2, run_cache=run_cache)
 
-    assert [row["student_id"] for row in rows] == ["no-running-stats", "solution"]
+    assert [row["student_id"] for row in rows] == sorted(p.name for p in sources)
     for row, source in zip(rows, sorted(sources)):
         expected = json.loads((source / "expected.json").read_text())
-        assert "exception" not in row["failures"], row
+        failures = set(filter(None, row["failures"].split(";")))
+        assert failures == {f"{f['notebook']}:{f['kind']}" for f in expected["failures"]}, row
         assert set(expected["diagnoses"]) <= set(filter(None, row["diagnoses"].split(";"))), row
         low, high = expected["score_band"]
         assert low <= row["total"] <= high, row
         assert (out / row["report"]).is_file()
-    assert len(read_gradebook(out)[1]) == 2
+    assert len(read_gradebook(out)[1]) == len(sources)
+    # The forged result.json / report.html stayed inside the student's own work dir.
+    assert json.loads((out / "forges-result" / "result.json").read_text())["submission"] == "forges-result"
+    assert not list(tmp_path.glob("result.json")) and not (root / "result.json").exists()
     assert (out / "summary.html").is_file() and partials(out) == []

@@ -61,7 +61,7 @@ def test_collapse_with_fresh_running_stats_is_a_copy_bug_not_a_shift():
 def test_train_mode_moves_statistics_without_calling_it_a_copy_bug():
     moved = prune_facts(claimed_accuracies=[60.0], accuracy=20.0, logits_max_diff=1.0,
                         copy_differences=[{"key": "feature.1.running_mean", "layer": 0, "part": "bn",
-                                           "tensor": "running_mean", "kind": "differs",
+                                           "tensor": "running_mean", "kind": "moved",
                                            "detail": "moved"}])
     assert ids(evaluation_with({"0.9": moved})) == {"tested-train-mode"}
 

@@ -23,7 +23,8 @@ def corpus() -> list[tuple[str, Path, Path]]:
 @pytest.mark.parametrize("name, submission, manifest", corpus(), ids=[c[0] for c in corpus()])
 def test_fixture_gets_its_expected_grade(name, submission, manifest, tmp_path, run_cache):
     expected = json.loads(manifest.read_text())
-    result = grade(submission, tmp_path / "out", QUICK, workers=1, run_cache=run_cache)
+    # Two xdist workers grade at once on two cores: one run and one thread each.
+    result = grade(submission, tmp_path / "out", QUICK, workers=1, run_cache=run_cache, threads=1)
 
     found_errors = {d["id"] for d in result["diagnoses"] if d["severity"] == "error"}
     found_all = {d["id"] for d in result["diagnoses"]}
@@ -44,3 +45,15 @@ def test_fixture_gets_its_expected_grade(name, submission, manifest, tmp_path, r
     low, high = expected["score_band"]
     assert low <= result["score"] <= high, f"{name}: score {result['score']} outside {low}..{high}"
     assert (tmp_path / "out" / "report.html").is_file()
+    assert_nothing_escaped(name, tmp_path)
+
+
+def assert_nothing_escaped(name: str, tmp_path: Path) -> None:
+    """Hostile notebooks aim at marker files outside their work dir and at the expected bundle."""
+    markers = [p for p in Path("/tmp").glob("slimgrade-escape-marker*")] + \
+        [p for p in (Path("/tmp/slimgrade-zip-abs"), tmp_path.parent / "slimgrade-zip-escape") if p.exists()]
+    assert not markers, f"{name}: wrote outside its work dir: {markers}"
+    assert not (tmp_path / "result.json").exists() and not (tmp_path / "report.html").exists()
+    bundle_name = f"{QUICK.name}-{QUICK.fingerprint()}"
+    for executed in (tmp_path / "out" / "notebooks").glob("*.ipynb"):
+        assert bundle_name not in executed.read_text(), f"{name}: {executed.name} saw the expected bundle"

@@ -108,14 +108,14 @@ def small_training(standin, epochs: int) -> tuple[vgg, TensorLoader, TensorLoade
     model = vgg(width_divisor=8)
     train_loader = TensorLoader(standin.train, 64, True, seed=0)
     test_loader = TensorLoader(standin.test, 500, False)
-    train(model, train_loader, test_loader, epochs=epochs, lr=0.05, momentum=0.9,
+    train(model, train_loader, test_loader, epochs=epochs, lr=0.1, momentum=0.9,
           weight_decay=1e-4)
     return model.eval(), train_loader, test_loader
 
 
 @pytest.fixture(scope="module")
 def trained(standin):
-    return small_training(standin, epochs=4)
+    return small_training(standin, epochs=6)
 
 
 def test_skipping_the_running_statistics_copy_predicts_one_class(trained):

@@ -1,7 +1,6 @@
 """grader.render: result.json, report.html (escaping, self-contained) and Gradescope's format."""
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -187,6 +186,8 @@ def test_hostile_strings_are_escaped(tmp_path: Path) -> None:
     escaped = "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
     # diagnosis message, evidence line, evidence detail, error tail, printed line, check, cfg, copy detail...
     assert html.count(escaped) >= 7
+    template = (Path(__file__).parents[1] / "grader" / "templates" / "report.html.j2").read_text()
+    assert not re.search(r"\{\{[^}]*\|\s*safe", template)
 
 
 def test_gradescope_results() -> None:
@@ -203,7 +204,26 @@ def test_gradescope_results() -> None:
     assert "bn-copy-bug" in gradescope["output"] and "bn-statistics-shift" in gradescope["output"]
     assert "not your fault" in gradescope["output"]
     json.dumps(gradescope)
-    assert gradescope_results({}) == {"score": 0.0, "tests": [], "output": gradescope_results({})["output"]}
+    empty = gradescope_results({})
+    assert empty["score"] == 0.0 and empty["tests"] == [] and isinstance(empty["output"], str)
+
+
+def test_executed_notebooks_are_linked_locally(tmp_path: Path) -> None:
+    result = full_result()
+    result["metrics"]["runs"]["../../etc/passwd"] = {"notebook": "x.ipynb"}
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "sparsity.ipynb").write_text("{}")
+    html = write_report(result, tmp_path).read_text()
+    assert 'href="notebooks/sparsity.ipynb"' in html
+    assert "notebooks/finetune.ipynb" not in html  # not written, so not linked
+    assert "passwd.ipynb" not in html
+
+
+def test_saved_best_prec1_fraction_is_shown_in_percent() -> None:
+    result = full_result()
+    result["metrics"]["sparsity"]["lambda"] = {"accuracy": 76.3, "claimed_best_prec1": 0.7632}
+    html = report_html(result)
+    assert "76.3%" in html and "0.8%" not in html
 
 
 def test_report_in_a_headless_browser(tmp_path: Path) -> None:

@@ -1,0 +1,81 @@
+"""Grading one submission against plain nbclient execution of the same runs.
+
+Both sides run the grading's planned runs (the same injected notebooks, inputs,
+order and two runs at a time); the plain side uses a bare NotebookClient with no
+sandbox, budgets, output cap, evaluation, diagnosis or report. The ratio shows
+what the grader's own work costs on top of the students' cells.
+
+    .venv/bin/python bench/grade.py [SUBMISSION] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from nbclient import NotebookClient
+
+from grader.execute import (STATE_FILE, RunResult, RunSpec, plan_notebook, read_notebook,
+                            write_trusted_models)
+from grader.pipeline import execute_all, grade, plan_runs, student_lambda
+from grader.prepare import prepare
+from reference.bundle import ensure_bundle
+from reference.profiles import get_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_run(spec: RunSpec) -> RunResult:
+    """The run's notebook, injected as the grader injects it, executed by a bare client."""
+    write_trusted_models(spec.work_dir, spec.profile.width_divisor)
+    config = {"work_dir": str(spec.work_dir), "device": spec.device, "dataset": spec.profile.dataset,
+              "data_root": None, "width_divisor": spec.profile.width_divisor,
+              "state_file": STATE_FILE, "threads": spec.threads}
+    install = f"import grader.runtime as _slimgrade\n_slimgrade.install({config!r})\n"
+    dump = f"import grader.runtime as _slimgrade\n_slimgrade.dump_state(globals(), {STATE_FILE!r})\n"
+    plan = plan_notebook(read_notebook(spec.notebook), install, dump, spec.parameters, spec.scale)
+    started = time.monotonic()
+    NotebookClient(plan.nb, timeout=3600, kernel_name="python3",
+                   resources={"metadata": {"path": str(spec.work_dir)}}).execute(stderr=subprocess.DEVNULL)
+    return RunResult(spec.run_id, spec.notebook.name, spec.work_dir / "plain.ipynb", None, {}, "", [],
+                     time.monotonic() - started, False, [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("submission", type=Path, nargs="?", default=ROOT / "fixtures" / "solution")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", default="quick")
+    args = parser.parse_args()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    profile = get_profile(args.profile)
+    bundle = ensure_bundle(profile)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        submission = prepare(args.submission, work / "plain")
+        plan = plan_runs(profile, bundle, "cpu", lambda: bundle / "sparse.pth",
+                         student_lambda(submission.notebooks["sparsity_train"]))
+        started = time.monotonic()
+        execute_all(plan, submission, work / "plain-runs", profile, None, "cpu", args.workers,
+                    execute=plain_run)
+        plain_s = time.monotonic() - started
+        started = time.monotonic()
+        result = grade(args.submission, work / "graded", profile, workers=args.workers)
+        grade_s = time.monotonic() - started
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python "
+          f"{sys.version.split()[0]}, sandbox {result['environment']['sandbox']}")
+    print(f"{args.submission.name}: {len(plan)} runs, {args.workers} at a time")
+    print(f"plain nbclient execution of the same runs: {plain_s:7.1f} s")
+    print(f"slimgrade grade (score {result['score']:g}/{result['max_score']:g}):      {grade_s:7.1f} s")
+    print(f"ratio grade / plain: {grade_s / plain_s:.2f} (the grader's own work: "
+          f"{max(0.0, grade_s - plain_s):.1f} s, {max(0.0, 1 - plain_s / grade_s):.0%} of the grade)")
+
+
+if __name__ == "__main__":
+    main()
