@@ -6,7 +6,7 @@ missing when a stage failed, so everything here reads it defensively and shows
 
 Every string that came from a submission (messages, evidence, tracebacks,
 printed lines, paths, cfg) is untrusted. The HTML is rendered by jinja2 with
-autoescape on and no ``|safe`` anywhere; the page also carries a
+autoescape on and no filter that marks text as safe anywhere; the page also carries a
 Content-Security-Policy that allows no script, no network and only ``data:``
 images, so it is self-contained: plots are inline PNG data URIs drawn with
 ``reference.plots``.

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from grader.diagnose import Diagnosis, copy_exact, copy_issues, looks_like_train_mode
+from grader.diagnose import (Diagnosis, copy_exact, copy_issues, has_single_channel_layer,
+                             looks_like_train_mode)
 
 UPDATEBN_FAMILY = {"updatebn-after-step", "updatebn-wrong-sign", "updatebn-not-sign",
                    "updatebn-on-weights", "l1-all-parameters"}
@@ -85,9 +86,12 @@ def _isolated_prune(evaluation: dict) -> list[tuple[str, dict]]:
     return [(key, facts) for key, facts in evaluation.get("prune", {}).items() if facts]
 
 
-def _share(evaluation: dict, ok: Callable[[dict], bool], what: str) -> Outcome:
+def _share(evaluation: dict, ok: Callable[[dict], bool], what: str,
+           also: Callable[[dict], bool] = lambda facts: False) -> Outcome:
+    """Share of isolated pruning runs where ``ok``; runs without a comparable thin model
+    count only when ``also`` says they bear on this blank."""
     judged = [(key, ok(facts)) for key, facts in _isolated_prune(evaluation)
-              if "copy_differences" in facts or "thin_error" in facts]
+              if "copy_differences" in facts or "thin_error" in facts or also(facts)]
     if not judged:
         return 0.0, f"No pruned model could be compared ({what})."
     wrong = [key for key, good in judged if not good]
@@ -136,9 +140,10 @@ def gamma_plot(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Ou
 
 @check("blank-kept-indices", PRUNE_RUNS)
 def kept_indices(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    return _share(evaluation, lambda f: "thin_error" not in f and not any(
+    crashed_on_one_channel = lambda f: bool(f.get("run_failure")) and has_single_channel_layer(f)  # noqa: E731
+    return _share(evaluation, lambda f: "thin_error" not in f and not crashed_on_one_channel(f) and not any(
         d["kind"] == "shape" or d["part"] == "conv" for d in f.get("copy_differences", [])),
-        "the indices of kept channels")
+        "the indices of kept channels", also=crashed_on_one_channel)
 
 
 @check("blank-copy-bn-affine", PRUNE_RUNS)

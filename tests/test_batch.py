@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -55,8 +56,7 @@ def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, w
     (out_dir / "notebooks" / "sparsity.ipynb").write_text("{}")
     if name == os.environ.get("SLIMGRADE_FAKE_HANG"):
         Path(f"{log}.hang-pid").write_text(str(os.getpid()))
-        while True:
-            time.sleep(0.1)
+        threading.Event().wait()  # hang until the batch kills this process
     if name.startswith("broken"):
         raise PrepareError(f"{submission_path} holds none of the lab's notebooks "
                            "(sparsity_train.ipynb, vggprune.ipynb, train_prune_model.ipynb): "
