@@ -22,6 +22,7 @@ import nbformat
 import torch
 
 from grader import __version__
+from grader.checkpoints import CheckpointError, load_student_checkpoint, state_dict_of
 from grader.diagnose import diagnose
 from grader.evaluate import (EDGE_RATIO, TrustedData, compare_sparsity, edge_case_state,
                              finetune_facts, prune_facts, safely, sparsity_facts)
@@ -261,8 +262,7 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
 
 
 def _own_state(path: Path) -> dict | None:
-    from grader.checkpoints import CheckpointError, load_student_checkpoint, state_dict_of
-
+    """The student's own sparse weights, the original of the chained pruning runs."""
     try:
         return state_dict_of(load_student_checkpoint(path), path.name)
     except CheckpointError:
