@@ -104,6 +104,19 @@ def ensure_reference(profile, cache_root: Path | None, data_root: Path | None,
     return ensure_bundle(profile, cache_root, data_root, device)
 
 
+def gpu_shares(device: str | None, workers: int) -> list[str | None]:
+    """What CUDA_VISIBLE_DEVICES each of ``workers`` grading processes gets (None: unchanged).
+
+    Only when the gradings may pick their GPU (``device`` None or "cuda"): with as many
+    GPUs as workers or more, each process gets its own; with fewer, they take turns.
+    """
+    if device not in (None, "cuda"):
+        return [None] * workers
+    from grader.schedule import gpu_shares as shares, visible_gpus
+
+    return shares(visible_gpus(), workers)
+
+
 # ---------------------------------------------------------------- the class folder
 
 @dataclass(frozen=True)
@@ -295,6 +308,7 @@ class Task:
     profile: object
     data_root: Path | None
     device: str | None
+    visible_gpus: str | None  # CUDA_VISIBLE_DEVICES of this grading; None: the batch's own
     grade_workers: int
     threads: int
     rubric_path: Path | None
@@ -337,6 +351,8 @@ def run_task(task: Task) -> None:
     task.partial.mkdir(parents=True)  # the sign that grading started (see _Scheduler._finished)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(task.threads))
+    if task.visible_gpus is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = task.visible_gpus
     started = time.monotonic()
     try:
         result = task.grade_function(task.source, task.partial, task.profile,
@@ -604,6 +620,17 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
         return book.rows()
 
 
+@dataclass
+class _Grading:
+    """A grading process the scheduler started and has not seen end."""
+
+    entry: Entry
+    process: multiprocessing.Process
+    partial: Path
+    graded_before: bool
+    slot: int  # which of the ``workers`` places it holds (and so which GPUs)
+
+
 class _Scheduler:
     """Up to ``workers`` grading processes at once; the gradebook rewritten as each ends."""
 
@@ -616,7 +643,10 @@ class _Scheduler:
                         "cache_root": Path(cache_root).resolve() if cache_root else None,
                         "run_cache": Path(run_cache).resolve() if run_cache else None}
         self.stop = threading.Event()
-        self.running: dict[object, tuple[Entry, multiprocessing.Process, Path, bool]] = {}
+        # Each running grading holds a slot, and the slot its share of the GPUs.
+        self.gpus = gpu_shares(device, workers)
+        self.free_slots = list(range(workers))
+        self.running: dict[object, _Grading] = {}
         self.unstarted: list[str] = []
         self.context = multiprocessing.get_context("spawn")
 
@@ -631,11 +661,12 @@ class _Scheduler:
                 while self.queue and len(self.running) < self.workers and not self.stop.is_set():
                     self._start(self.queue.pop(0))
                 for sentinel in wait_for_any(list(self.running), timeout=POLL_S):
-                    entry, process, partial, graded_before = self.running.pop(sentinel)
-                    process.join()
-                    self._finished(entry, process, partial, graded_before)
-                    score = _dict(self.book.results.get(entry.id)).get("score")
-                    bar.set_postfix_str(f"{entry.id}: {_points(_number(score)) or '?'}")
+                    grading = self.running.pop(sentinel)
+                    self.free_slots.append(grading.slot)
+                    grading.process.join()
+                    self._finished(grading)
+                    score = _dict(self.book.results.get(grading.entry.id)).get("score")
+                    bar.set_postfix_str(f"{grading.entry.id}: {_points(_number(score)) or '?'}")
                     bar.update(1)
         finally:
             self._end_running()
@@ -653,22 +684,24 @@ class _Scheduler:
     def _start(self, entry: Entry) -> None:
         partial = _partial_path(self.book.out, entry.id)
         grade_workers = max(1, TOTAL_CORES // self.workers)
+        slot = self.free_slots.pop(0)
         task = Task(sid=entry.id, source=entry.path, out=self.book.out, partial=partial,
                     profile=self.profile, grade_workers=grade_workers,
+                    visible_gpus=self.gpus[slot],
                     # every kernel of every grading at once shares the cores
                     threads=max(1, (os.cpu_count() or TOTAL_CORES) // (self.workers * grade_workers)),
                     parent_pid=os.getpid(), grade_function=grade, **self.options)
         process = self.context.Process(target=run_task, args=(task,), name=f"slimgrade-{entry.id}")
         graded_before = is_finished(self.book.out, entry.id)
         process.start()
-        self.running[process.sentinel] = (entry, process, partial, graded_before)
+        self.running[process.sentinel] = _Grading(entry, process, partial, graded_before, slot)
 
-    def _finished(self, entry: Entry, process: multiprocessing.Process, partial: Path,
-                  graded_before: bool) -> None:
+    def _finished(self, grading: _Grading) -> None:
+        entry, process, partial = grading.entry, grading.process, grading.partial
         # A grading process exits with 0 only after its commit; one that died while
         # exiting has committed too if its partial folder is gone and a result is there.
         committed = is_finished(self.book.out, entry.id) and (
-            process.exitcode == 0 or (not partial.exists() and not graded_before))
+            process.exitcode == 0 or (not partial.exists() and not grading.graded_before))
         if committed:
             pass
         elif self.stop.is_set():
@@ -688,19 +721,19 @@ class _Scheduler:
 
     def _end_running(self) -> None:
         """Stop what still runs; keep any grading that completed meanwhile."""
-        for _, process, _, _ in self.running.values():
-            if process.is_alive():
-                process.terminate()
+        for grading in self.running.values():
+            if grading.process.is_alive():
+                grading.process.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
-        for _, process, _, _ in self.running.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for entry, _, partial, _ in self.running.values():
-            if partial.exists():
-                _remove(partial)
-            self.book.load(entry.id)
+        for grading in self.running.values():
+            grading.process.join(max(0.0, deadline - time.monotonic()))
+            if grading.process.is_alive():
+                grading.process.kill()
+                grading.process.join()
+        for grading in self.running.values():
+            if grading.partial.exists():
+                _remove(grading.partial)
+            self.book.load(grading.entry.id)
         self.running.clear()
 
     def _catch_signals(self) -> dict:

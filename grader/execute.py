@@ -12,6 +12,12 @@ adds are tagged ``slimgrade-injected``:
    assigns any, right after the first injected cell;
 3. last, ``grader.runtime.dump_state(globals(), ...)``, run even after a failing cell.
 
+Starting a kernel and importing torch costs seconds. ``run_notebook`` can take an
+``admit`` callback: the kernel starts and runs the first injected cell at once, then
+waits for ``admit()`` to say the run's turn has come (its inputs placed meanwhile) or
+that it is no longer wanted. The caller uses that to start a run's kernel while other
+runs still compute; the kernel is still this run's own, fresh and sandboxed.
+
 Budgets: a cell may run ``profile.cell_timeout_s`` and the student's cells together
 ``profile.run_timeout_s`` (the grader's own cells and the kernel start are not
 counted); the kernel's process tree may use ``profile.memory_limit_mb``; the executed
@@ -34,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +122,8 @@ class RunSpec:
     threads: int = 1
     expected_artifacts: list[str] = field(default_factory=list)  # relative to work_dir
     sandbox: bool | None = None  # None: bubblewrap when available
+    # The one GPU the kernel sees (an entry of CUDA_VISIBLE_DEVICES); None: what the grader sees.
+    visible_gpu: str | None = None
 
 
 @dataclass
@@ -141,12 +149,15 @@ class RunResult:
     cell_seconds: list[float]  # one per cell of the student's notebook; 0.0 when not run
 
 
-def run_notebook(spec: RunSpec) -> RunResult:
+def run_notebook(spec: RunSpec, admit: Callable[[], bool] | None = None) -> RunResult | None:
     """Execute ``spec.notebook`` once; student problems come back as ``RunResult.failure``.
 
-    Raises ``HarnessError`` only when the grader itself cannot run the notebook
-    (no kernel, the runtime's install cell failing, a sandbox that was required but is
-    missing). Must not be called from a running event loop.
+    With ``admit``, the kernel is started first and the student's cells wait until
+    ``admit()`` (called from another thread, it may block) returns: True runs them, False
+    shuts the kernel down and returns None. The run's budgets and ``duration_s`` count from
+    the admission. Raises ``HarnessError`` only when the grader itself cannot run the
+    notebook (no kernel, the runtime's install cell failing, a sandbox that was required but
+    is missing). Must not be called from a running event loop.
     """
     started = time.monotonic()
     name = spec.notebook.name
@@ -162,14 +173,16 @@ def run_notebook(spec: RunSpec) -> RunResult:
                           None, "")
         return RunResult(spec.run_id, name, executed_path, failure, {}, "", [],
                          time.monotonic() - started, False, [])
-    run = _Run(spec, student_nb, choose_sandbox(spec.sandbox))
+    run = _Run(spec, student_nb, choose_sandbox(spec.sandbox), admit)
     try:
         run.prepare()
         asyncio.run(run.execute())
     finally:
         run.cleanup()
+    if run.admitted_at is None:
+        return None
     nbformat.write(run.plan.nb, executed_path)
-    return run.result(executed_path, time.monotonic() - started)
+    return run.result(executed_path, time.monotonic() - run.admitted_at)
 
 
 def read_notebook(path: Path) -> NotebookNode:
@@ -510,8 +523,12 @@ def kill_processes(processes: list[psutil.Process]) -> None:
 class _Run:
     """The state of one notebook run, from preparing the work dir to the RunResult."""
 
-    def __init__(self, spec: RunSpec, student_nb: NotebookNode, sandboxed: bool) -> None:
+    def __init__(self, spec: RunSpec, student_nb: NotebookNode, sandboxed: bool,
+                 admit: Callable[[], bool] | None) -> None:
         self.spec = spec
+        self.admit = admit
+        # When the student's turn came: at once without ``admit``; None if it never came.
+        self.admitted_at: float | None = None if admit else time.monotonic()
         self.name = spec.notebook.name
         self.student_nb = student_nb
         self.sandboxed = sandboxed
@@ -582,7 +599,9 @@ class _Run:
         # TMPDIR stays the system's (a private /tmp in the sandbox): DataLoader workers pass
         # tensors through AF_UNIX sockets under it, and a path inside a deep work dir can
         # exceed the 108 bytes a socket path may have, which hangs the workers.
-        if "CUDA_VISIBLE_DEVICES" in os.environ:
+        if self.spec.visible_gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.spec.visible_gpu
+        elif "CUDA_VISIBLE_DEVICES" in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
         return env
 
@@ -616,6 +635,12 @@ class _Run:
                 raise HarnessError(f"the kernel for {self.name} did not start: {error}; "
                                    f"its log ends with: {self._log_tail()}") from error
             await self._run_install(client)
+            if self.admit is not None:
+                if not await asyncio.to_thread(self.admit):
+                    return
+                self.admitted_at = time.monotonic()
+                if self.sandboxed:
+                    sandbox.hand_over(self.work_dir)  # the inputs placed while the kernel waited
             timed_out = await self._run_student_cells(client, km, watch)
             if await km.is_alive():
                 if timed_out:

@@ -2,19 +2,17 @@
 
 The runs of a grading form a small dependency graph (docs/design.md): the
 isolated runs start at once on reference inputs, the chained runs wait for the
-student's own checkpoints. Runs go two at a time (two cores) by default.
+student's own checkpoints. ``grader.schedule`` runs them, two at a time (two
+cores) by default.
 """
 from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,13 +24,14 @@ from grader.checkpoints import CheckpointError, load_student_checkpoint, state_d
 from grader.diagnose import diagnose
 from grader.evaluate import (EDGE_RATIO, TrustedData, compare_sparsity, edge_case_state,
                              finetune_facts, prune_facts, safely, sparsity_facts)
-from grader.execute import RunResult, RunSpec, run_notebook
+from grader.execute import RunResult
 from grader.prepare import Submission, prepare
 from grader.render import render
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
+from grader.schedule import PlannedRun, execute_all
 from grader.score import load_rubric, score
-from reference.bundle import (FINETUNE, SPARSE, ensure_bundle, environment, load_checkpoint,
+from reference.bundle import (SPARSE, ensure_bundle, environment, load_checkpoint,
                               load_manifest, loaders, prune_file)
 from reference.data import load_dataset
 from reference.profiles import Profile
@@ -41,17 +40,6 @@ WEIGHT_PATH, PRUNE_PATH, FINETUNE_PATH = "model_best.pth", "model_prune.pth", "m
 KNOWN_PRINTED = ("Test set: Accuracy", "PRUNE RATIO", "LOADING CHECKPOINT", "layer index",
                  "PREPROCESSING SUCCESSFUL", "RESUME PRUNE MODEL", "TRAIN PRUNED MODEL DONE",
                  "NO CHECKPOINT FOUND")
-
-
-@dataclass
-class PlannedRun:
-    run_id: str
-    notebook: str
-    parameters: dict
-    inputs: dict[str, Path | Callable[[], Path]] = field(default_factory=dict)  # name in work dir -> source
-    after: tuple[str, ...] = ()
-    scale: dict[str, float] = field(default_factory=dict)
-    expected: tuple[str, ...] = ()
 
 
 def profile_parameters(profile: Profile, device: str) -> dict:
@@ -97,17 +85,19 @@ def plan_runs(profile: Profile, bundle: Path, device: str, edge_input: Callable[
     base = profile_parameters(profile, device)
     tune = {**base, "EPOCHS": profile.finetune_epochs}
     ratio = profile.finetune_ratio
+    train, tune_cost = float(profile.epochs), float(profile.finetune_epochs)  # a pruning: ~1
     runs = [
-        PlannedRun("sparsity-lambda0", "sparsity_train", {**base, "LAMBDA": 0.0}, expected=(WEIGHT_PATH,)),
+        PlannedRun("sparsity-lambda0", "sparsity_train", {**base, "LAMBDA": 0.0}, expected=(WEIGHT_PATH,),
+                   cost=train),
         PlannedRun("sparsity", "sparsity_train", {**base, "LAMBDA": profile.sparsity_lambda},
-                   expected=(WEIGHT_PATH,)),
+                   expected=(WEIGHT_PATH,), cost=train),
         *[PlannedRun(f"prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r},
                      {WEIGHT_PATH: bundle / SPARSE}, expected=(PRUNE_PATH,))
           for r in profile.prune_ratios],
         PlannedRun("prune-edge", "vggprune", {**base, "PRUNE_PERCENT": EDGE_RATIO},
                    {WEIGHT_PATH: edge_input}, expected=(PRUNE_PATH,)),
         PlannedRun("finetune", "train_prune_model", tune, {PRUNE_PATH: bundle / prune_file(ratio)},
-                   expected=(FINETUNE_PATH,)),
+                   expected=(FINETUNE_PATH,), cost=tune_cost),
     ]
     # The chained run trains with the student's own LAMBDA (scaled to the profile's length);
     # when that equals the profile's lambda the isolated sparsity run already is that run.
@@ -115,79 +105,16 @@ def plan_runs(profile: Profile, bundle: Path, device: str, edge_input: Callable[
     if own_lambda is None or abs(own_lambda * profile.lambda_scale - profile.sparsity_lambda) > 1e-12:
         sparse_run = "chained-sparsity"
         runs.append(PlannedRun(sparse_run, "sparsity_train", dict(base), scale={"LAMBDA": profile.lambda_scale},
-                               expected=(WEIGHT_PATH,)))
+                               expected=(WEIGHT_PATH,), cost=train))
     for r in profile.prune_ratios:
         runs.append(PlannedRun(f"chained-prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r},
                                {WEIGHT_PATH: Path(sparse_run) / WEIGHT_PATH}, after=(sparse_run,),
                                expected=(PRUNE_PATH,)))
     runs.append(PlannedRun("chained-finetune", "train_prune_model", tune,
                            {PRUNE_PATH: Path(f"chained-prune-{ratio}") / PRUNE_PATH},
-                           after=(f"chained-prune-{ratio}",), expected=(FINETUNE_PATH,)))
+                           after=(f"chained-prune-{ratio}",), expected=(FINETUNE_PATH,),
+                           cost=tune_cost))
     return runs
-
-
-def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path, profile: Profile,
-                data_root: Path | None, device: str, workers: int,
-                on_done: Callable[[str], None] | None = None, cache: RunCache | None = None,
-                execute: Callable[[RunSpec], RunResult] = run_notebook,
-                threads: int | None = None) -> dict[str, RunResult | None]:
-    """Every planned run whose notebook exists and whose inputs were produced, ``workers`` at
-    a time, each kernel with ``threads`` torch threads (default: the cores shared out)."""
-    threads = threads or max(1, (os.cpu_count() or 2) // workers)
-    results: dict[str, RunResult | None] = {}
-    pending = list(plan)
-    # A notebook that used up its time once would do so again: its later runs are dropped.
-    timed_out: set[str] = set()
-    notebook_of = {run.run_id: run.notebook for run in plan}
-
-    def start(run: PlannedRun) -> RunResult:
-        work_dir = work_root / run.run_id
-        work_dir.mkdir(parents=True, exist_ok=True)
-        for name, source in run.inputs.items():
-            source = source() if callable(source) else source
-            source = source if source.is_absolute() else work_root / source
-            shutil.copyfile(source, work_dir / name)
-        spec = RunSpec(
-            run_id=run.run_id, notebook=submission.notebooks[run.notebook], work_dir=work_dir,
-            parameters=run.parameters, scale=run.scale, profile=profile, data_root=data_root,
-            device=device, threads=threads, expected_artifacts=list(run.expected))
-        if cache is None:
-            return execute(spec)
-        return cache.run(spec, sandbox_available(), execute)
-
-    def ready(run: PlannedRun) -> bool | None:
-        """True to start, None to drop (notebook or a dependency missing), False to wait."""
-        if submission.notebooks.get(run.notebook) is None or run.notebook in timed_out:
-            return None
-        for dependency in run.after:
-            if dependency not in results:
-                return False
-            if results[dependency] is None or results[dependency].failure:
-                return None
-        return True
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        running: dict[Future, str] = {}
-        while pending or running:
-            for run in list(pending):
-                verdict = ready(run)
-                if verdict is None:
-                    results[run.run_id] = None
-                    pending.remove(run)
-                elif verdict and len(running) < workers:  # queued runs could not be dropped
-                    running[pool.submit(start, run)] = run.run_id
-                    pending.remove(run)
-            if not running:
-                continue
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                run_id = running.pop(future)
-                results[run_id] = future.result()
-                if results[run_id].failure and results[run_id].failure.kind == "timeout":
-                    timed_out.add(notebook_of[run_id])
-                if on_done:
-                    on_done(run_id)
-    return results
 
 
 def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: TrustedData,

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 import torch
 
@@ -35,11 +36,11 @@ def write_notebook(path: Path, cells: list[str | tuple[str, list[str]]]) -> Path
     return path
 
 
-def run(tmp_path: Path, cells: list, profile=PROFILE, **kwargs) -> RunResult:
+def run(tmp_path: Path, cells: list, profile=PROFILE, admit=None, **kwargs) -> RunResult | None:
     notebook = write_notebook(tmp_path / "lab.ipynb", cells)
     spec = RunSpec(run_id="test", notebook=notebook, work_dir=tmp_path / "work",
                    parameters=kwargs.pop("parameters", {}), profile=profile, **kwargs)
-    return run_notebook(spec)
+    return run_notebook(spec, admit)
 
 
 # --- without a kernel -------------------------------------------------------------------
@@ -273,6 +274,30 @@ def test_clean_run_without_the_expected_checkpoint_is_a_missing_artifact(tmp_pat
     assert result.failure is not None and result.failure.kind == "missing-artifact"
     assert "model_best.pth" in result.failure.message
     assert "model_prune.pth" not in result.failure.message
+
+
+def test_kernel_started_ahead_sees_inputs_placed_at_admission(tmp_path):
+    seen_before = []
+
+    def admit() -> bool:
+        # The kernel is up and the grader's setup cell ran; the student's cells have not.
+        seen_before.append((tmp_path / "work" / "marker.txt").exists())
+        (tmp_path / "work" / "model_best.pth").write_text("placed at admission")
+        return True
+
+    result = run(tmp_path, ["open('marker.txt', 'w').write('ran')",
+                            "print(open('model_best.pth').read())"], admit=admit)
+    assert seen_before == [False]
+    assert result is not None and result.failure is None
+    assert "placed at admission" in result.stdout_text
+
+
+def test_kernel_not_admitted_is_shut_down_without_running_a_cell(tmp_path):
+    result = run(tmp_path, ["open('marker.txt', 'w').write('ran')"], admit=lambda: False)
+    assert result is None
+    assert not (tmp_path / "work" / "marker.txt").exists()
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if "ipykernel_launcher" in " ".join(p.cmdline())]
 
 
 def test_output_flood_is_cut_and_the_notebook_stays_small(tmp_path):
