@@ -4,7 +4,8 @@ The fast tests put a fake grading function in place of the pipeline. Gradings
 run in spawned processes, so the fake lives at module level here (the processes
 import it by name) and talks to the test through files named in environment
 variables: every call appends a line to SLIMGRADE_FAKE_LOG; the submission named
-by SLIMGRADE_FAKE_HANG writes its pid and then sleeps until it is killed.
+by SLIMGRADE_FAKE_HANG writes its pid into the FIFO ``<log>.hang-pid`` and then
+blocks until it is killed.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import json
 import os
 import shutil
 import signal
+import select
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -152,21 +153,27 @@ def partials(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
 
 
-def gone(pid: int) -> bool:
-    import psutil
-
+def exited(pid: int, timeout: float = 0.0) -> bool:
+    """Whether process ``pid`` has ended (a zombie has), waiting up to ``timeout`` seconds."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
         return True
+    try:
+        return bool(select.select([handle], [], [], timeout)[0])  # readable once it ends
+    finally:
+        os.close(handle)
 
 
-def wait_until(condition, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def hanging_pid(fifo: Path, process: subprocess.Popen, timeout: float = 60.0) -> int:
+    """The pid the hanging grading writes into ``fifo``; fails if the batch ends first."""
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([reader, process.stdout], [], [], timeout)
+        assert reader in ready, f"the hanging grading never started: {process.communicate()}"
+        return int(os.read(reader, 64))
+    finally:
+        os.close(reader)
 
 
 # ---------------------------------------------------------------- the class folder
@@ -348,6 +355,8 @@ except KeyboardInterrupt:
 
 
 def start_batch(root: Path, out: Path, log: Path, hang: str) -> subprocess.Popen:
+    """The batch in a process of its own; the grading of ``hang`` will block in it."""
+    os.mkfifo(f"{log}.hang-pid")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLIMGRADE_FAKE_LOG": str(log),
            "SLIMGRADE_FAKE_HANG": hang}
     script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), out=str(out))
@@ -360,10 +369,8 @@ def test_kill_and_resume(tmp_path, fake):
     out = tmp_path / "out"
     log = tmp_path / "killed.log"
     process = start_batch(root, out, log, hang="c")
-    pid_file = Path(f"{log}.hang-pid")
     try:
-        wait_until(lambda: pid_file.exists() or process.poll() is not None,
-                   what="the third grading to start")
+        grading_pid = hanging_pid(Path(f"{log}.hang-pid"), process)  # the third grading started
         assert process.poll() is None, process.communicate()
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
@@ -371,8 +378,7 @@ def test_kill_and_resume(tmp_path, fake):
         if process.poll() is None:
             process.kill()
             process.wait()
-    grading_pid = int(pid_file.read_text())
-    wait_until(lambda: gone(grading_pid), timeout=15, what="the orphaned grading process to end")
+    assert exited(grading_pid, timeout=15), "the orphaned grading process did not end"
 
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["a", "b", "c"]
     for sid in ("a", "b"):
@@ -395,10 +401,8 @@ def test_sigterm_stops_cleanly_and_keeps_what_is_finished(tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "stopped.log"
     process = start_batch(root, out, log, hang="b")
-    pid_file = Path(f"{log}.hang-pid")
     try:
-        wait_until(lambda: pid_file.exists() or process.poll() is not None,
-                   what="the second grading to start")
+        grading_pid = hanging_pid(Path(f"{log}.hang-pid"), process)  # the second grading started
         os.kill(process.pid, signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
     finally:
@@ -407,7 +411,7 @@ def test_sigterm_stops_cleanly_and_keeps_what_is_finished(tmp_path):
             process.wait()
     assert process.returncode == 130, stderr
     assert "interrupted" in stdout and "Traceback" not in stderr
-    assert gone(int(pid_file.read_text()))
+    assert exited(grading_pid)
     assert batch.is_finished(out, "a")
     assert not (out / "b").exists() and not (out / "c").exists()
     assert partials(out) == [], "the interrupted grading's partial folder is removed"

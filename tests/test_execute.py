@@ -244,7 +244,8 @@ def test_cell_timeout_interrupts_and_still_dumps_state(tmp_path):
 
 def test_run_budget_stops_the_cell_that_exhausts_it(tmp_path):
     profile = replace(PROFILE, cell_timeout_s=30, run_timeout_s=3)
-    result = run(tmp_path, ["import time\ntime.sleep(2)", "time.sleep(2)", "time.sleep(2)"],
+    # The second cell would block for good; the 3 s run budget, not the 30 s cell limit, stops it.
+    result = run(tmp_path, ["import threading", "threading.Event().wait()", "x = 1"],
                  profile=profile)
     assert result.failure is not None and result.failure.kind == "timeout"
     assert result.failure.cell_index == 1
