@@ -528,7 +528,7 @@ class _Run:
         self.spec = spec
         self.admit = admit
         # When the student's turn came: at once without ``admit``; None if it never came.
-        self.admitted_at: float | None = None if admit else time.monotonic()
+        self.admitted_at: float | None = time.monotonic() if admit is None else None
         self.name = spec.notebook.name
         self.student_nb = student_nb
         self.sandboxed = sandboxed

@@ -138,12 +138,20 @@ def gamma_plot(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Ou
 
 # ---------------------------------------------------------------- vggprune
 
+def _crashed_on_one_channel(facts: dict) -> bool:
+    """The run failed on a layer left with one channel: the index blank's doing."""
+    return bool(facts.get("run_failure")) and has_single_channel_layer(facts)
+
+
+def _indices_right(facts: dict) -> bool:
+    return "thin_error" not in facts and not _crashed_on_one_channel(facts) and not any(
+        d["kind"] == "shape" or d["part"] == "conv" for d in facts.get("copy_differences", []))
+
+
 @check("blank-kept-indices", PRUNE_RUNS)
 def kept_indices(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    crashed_on_one_channel = lambda f: bool(f.get("run_failure")) and has_single_channel_layer(f)  # noqa: E731
-    return _share(evaluation, lambda f: "thin_error" not in f and not crashed_on_one_channel(f) and not any(
-        d["kind"] == "shape" or d["part"] == "conv" for d in f.get("copy_differences", [])),
-        "the indices of kept channels", also=crashed_on_one_channel)
+    return _share(evaluation, _indices_right, "the indices of kept channels",
+                  also=_crashed_on_one_channel)
 
 
 @check("blank-copy-bn-affine", PRUNE_RUNS)
