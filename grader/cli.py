@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -14,62 +16,226 @@ USAGE_ERROR, HARNESS_ERROR = 2, 1
 STATUS_MARK = {"pass": "ok  ", "fail": "FAIL", "error": "ERR ", "skip": "hand"}
 
 
+DEBUG_HELP = "show the traceback of a harness error (accepted before or after the command)"
+
+
+# ---------------------------------------------------------------- values checked while parsing
+# Each raises argparse.ArgumentTypeError with one sentence; argparse then prints the usage
+# line and "argument --x: <sentence>", and exits with 2.
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give 1 or more.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: give 1 or more.")
+    return value
+
+
+def existing_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist: check the path.")
+    return path
+
+
+def existing_folder(text: str) -> Path:
+    path = existing_path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a folder.")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A folder slimgrade writes into: made when missing, refused when it is a file."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder: give a folder to write into.")
+    return path
+
+
+def rubric_file(text: str) -> Path:
+    """A rubric JSON file of the course rubric's shape, checked before any notebook runs."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path} {'is not a file' if path.exists() else 'does not exist'}: give a rubric JSON "
+            "file shaped like grader/rubric.json.")
+    try:
+        rubric = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{path} cannot be read ({error.strerror}).") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{path} is not valid JSON ({error}).") from None
+    problem = rubric_problem(rubric)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{path}: {problem}")
+    return path
+
+
+def rubric_problem(rubric: object) -> str:
+    """What makes ``rubric`` unusable (one sentence), or "" when it can be used."""
+    shape = "shaped like grader/rubric.json"
+    if not isinstance(rubric, dict) or not isinstance(rubric.get("items"), list) or not rubric["items"]:
+        return f'it has no "items" list: give a rubric {shape}.'
+    ids = []
+    for n, item in enumerate(rubric["items"], 1):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
+            return f'item {n} has no "id": every item needs an id, stage, title and points.'
+        points = item.get("points")
+        if isinstance(points, bool) or not isinstance(points, (int, float)) or points < 0:
+            return f'item {item["id"]!r} has no "points" (a number, 0 or more).'
+        ids.append(item["id"])
+    if len(set(ids)) != len(ids):
+        return f"item ids repeat ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))})."
+    from grader.score import CHECKS  # imported only when a rubric is given: it loads torch
+
+    unknown = [i for i, item in zip(ids, rubric["items"]) if not item.get("manual") and i not in CHECKS]
+    if unknown:
+        return (f"no automatic check is called {', '.join(unknown)}: use the ids of "
+                f"grader/rubric.json ({', '.join(sorted(CHECKS))}) or mark the item \"manual\": true.")
+    low_high = rubric.get("lambda_range")
+    if "blank-lambda" in ids and not (isinstance(low_high, list) and len(low_high) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high)):
+        return '"lambda_range" must be [low, high] (numbers) when the rubric grades blank-lambda.'
+    return ""
+
+
+def devices_found() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{n} ({torch.cuda.get_device_name(n)})"
+                             for n in range(torch.cuda.device_count())]
+    return found
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N, and only a device this machine has."""
+    text = text.strip().lower()
+    if text == "cpu":
+        return text
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    found = devices_found()
+    listed = ", ".join(found) if len(found) > 1 else "cpu only, no CUDA GPU"
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device: give cpu, cuda or cuda:N (found here: {listed}).")
+    if len(found) == 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} was asked for but this machine has no CUDA GPU that torch can use "
+            "(found here: cpu only): give --device cpu or leave --device out.")
+    import torch
+
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"there is no {text} (found here: {listed}).")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from grader import __version__
     from reference.profiles import PROFILES
 
     parser = argparse.ArgumentParser(prog="slimgrade", description=(
         "Grades the network-slimming pruning lab: runs the notebooks, finds which mistake was "
-        "made and explains it."))
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of harness errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+        "made and explains it."), epilog="Exit codes: 0 a grade was produced (whatever the "
+        "score), 2 bad usage, 1 the harness itself failed.")
+    parser.add_argument("--version", action="version", version=f"slimgrade {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # The same flag after the command; SUPPRESS: not given there, it leaves the one above alone.
+    anywhere = argparse.ArgumentParser(add_help=False)
+    anywhere.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(command: argparse.ArgumentParser, profile_default: str) -> None:
         command.add_argument("--profile", choices=sorted(PROFILES), default=profile_default,
                              help="data, width, epochs and tolerances (default: %(default)s)")
-        command.add_argument("--data-root", type=Path, default=None,
+        command.add_argument("--data-root", type=existing_folder, default=None,
                              help="folder holding cifar-10-batches-py/ (the full profile)")
-        command.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-        command.add_argument("--cache", type=Path, default=None,
+        command.add_argument("--device", type=device, default=None,
+                             help="cpu, cuda or cuda:N (default: CUDA when present)")
+        command.add_argument("--cache", type=output_folder, default=None,
                              help="where expected bundles are cached (default: ~/.cache/slimgrade)")
 
-    grade = commands.add_parser("grade", help="grade one submission (folder or .zip)")
-    grade.add_argument("path", type=Path)
-    grade.add_argument("--out", type=Path, default=Path("slimgrade-out"))
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[anywhere], help=help, description=help)
+
+    grade = add("grade", "grade one submission (folder or .zip)")
+    grade.add_argument("path", type=existing_path)
+    grade.add_argument("--out", type=output_folder, default=Path("slimgrade-out"))
     grade.add_argument("--format", choices=["slimgrade", "gradescope"], default="slimgrade",
                        help="gradescope also writes results.json in Gradescope's format")
-    grade.add_argument("--rubric", type=Path, default=None, help="a rubric JSON file to use instead of the course's")
-    grade.add_argument("--workers", type=int, default=2, help="notebook runs at once (default 2)")
-    grade.add_argument("--run-cache", type=Path, default=None,
+    grade.add_argument("--rubric", type=rubric_file, default=None,
+                       help="a rubric JSON file to use instead of the course's")
+    grade.add_argument("--workers", type=positive_int, default=2, help="notebook runs at once (default 2)")
+    grade.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(grade, "quick")
 
-    check = commands.add_parser("check", help="check your own lab folder before handing it in")
-    check.add_argument("path", type=Path, nargs="?", default=Path("."))
-    check.add_argument("--out", type=Path, default=Path("slimgrade-check"))
+    check = add("check", "check your own lab folder before handing it in")
+    check.add_argument("path", type=existing_path, nargs="?", default=Path("."))
+    check.add_argument("--out", type=output_folder, default=Path("slimgrade-check"))
     common(check, "quick")
 
-    batch = commands.add_parser("batch", help="grade every submission in a folder")
-    batch.add_argument("path", type=Path)
-    batch.add_argument("--out", type=Path, required=True)
-    batch.add_argument("--workers", type=int, default=1, help="submissions graded at once")
+    batch = add("batch", "grade every submission in a folder")
+    batch.add_argument("path", type=existing_folder)
+    batch.add_argument("--out", type=output_folder, required=True)
+    batch.add_argument("--workers", type=positive_int, default=1, help="submissions graded at once")
     batch.add_argument("--force", action="store_true", help="grade again what is already graded")
-    batch.add_argument("--rubric", type=Path, default=None)
-    batch.add_argument("--run-cache", type=Path, default=None,
+    batch.add_argument("--only", nargs="+", metavar="ID", default=None,
+                       help="grade only these hand-ins (student ids or folder/.zip names), again "
+                            "if they were graded; the others stay as they are")
+    batch.add_argument("--exclude", action="append", metavar="GLOB", default=[],
+                       help="leave out hand-ins whose name or id matches (repeatable, e.g. 'TA-*')")
+    batch.add_argument("--rubric", type=rubric_file, default=None)
+    batch.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(batch, "quick")
 
-    reference = commands.add_parser("reference", help="build a profile's expected bundle")
-    reference.add_argument("--out", type=Path, required=True)
+    reference = add("reference", "build a profile's expected bundle")
+    reference.add_argument("--out", type=output_folder, required=True)
     common(reference, "quick")
     return parser
 
 
+def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What depends on several arguments; ``parser.error`` (exit 2) with one sentence."""
+    from reference.data import DataError, find_cifar_folder
+    from reference.profiles import get_profile
+
+    if get_profile(args.profile).dataset == "cifar10":
+        if args.data_root is None:
+            parser.error(f"the {args.profile} profile trains on CIFAR-10: give --data-root, the "
+                         "folder that holds cifar-10-batches-py/ (python version).")
+        try:
+            find_cifar_folder(args.data_root)
+        except DataError as error:
+            parser.error(str(error))
+    if args.command in ("grade", "check"):
+        from grader.prepare import several_submissions
+
+        students = several_submissions(args.path)
+        if students:
+            shown = ", ".join(students[:8]) + (f" and {len(students) - 8} more" if len(students) > 8 else "")
+            parser.error(f"{args.path} holds the submissions of {len(students)} students ({shown}), "
+                         f"not one: grade them all with 'slimgrade batch {args.path} --out DIR', or "
+                         f"one with 'slimgrade {args.command} {args.path / students[0]}'.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:  # argparse exits (2 for bad usage, 0 for --help and --version); main returns instead
+        args = parser.parse_args(argv)
+        check_usage(parser, args)
+    except SystemExit as leaving:
+        return leaving.code if isinstance(leaving.code, int) else USAGE_ERROR
     from grader.checkpoints import CheckpointError
     from grader.prepare import PrepareError
     from reference.data import DataError
 
+    previous = _stop_on_signals()
     try:
         return COMMANDS[args.command](args)
     except (PrepareError, DataError, CheckpointError) as error:
@@ -84,6 +250,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimgrade: internal error ({type(error).__name__}: {error}); run again with "
               "--debug for details.", file=sys.stderr)
         return HARNESS_ERROR
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_on_signals() -> dict:
+    """SIGTERM, like Ctrl-C, raises KeyboardInterrupt in the main thread, after telling the
+    kernels to die: the grading then leaves through its clean-up (kernels shut down, work
+    root removed) instead of vanishing and leaking them. Returns the handlers replaced."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: object) -> None:
+        execute = sys.modules.get("grader.execute")  # no import in a signal handler
+        if execute is not None:
+            execute.abort_kernels()
+        raise KeyboardInterrupt
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _profile(args: argparse.Namespace):
@@ -92,23 +279,41 @@ def _profile(args: argparse.Namespace):
     return get_profile(args.profile)
 
 
-def _progress(total_hint: str):
-    """A tqdm bar over runs on a terminal, silence elsewhere."""
-    from tqdm.auto import tqdm
+def planned_runs(profile) -> int:
+    """At most how many notebook runs one grading makes (docs/design.md, "Runs of one
+    grading"): sparsity with lambda 0 and with the profile's lambda, one pruning per ratio,
+    the edge probe, fine-tuning, and the chained sparsity, prunings and fine-tuning."""
+    return 2 * len(profile.prune_ratios) + 6
 
-    bar = tqdm(desc=total_hint, unit="run", disable=not sys.stderr.isatty())
-    return bar, (lambda run_id: (bar.set_postfix_str(run_id), bar.update(1)))
+
+def _run_progress(desc: str, profile, what: str):
+    """A Progress over the runs of one grading and the callback grade() calls per run."""
+    from grader.progress import Progress
+    from grader.render import run_label
+
+    total = planned_runs(profile)
+    progress = Progress(desc, total, "run", announce=f"{what}: up to {total} notebook runs "
+                        f"({profile.name} profile), each notebook in a fresh kernel.")
+    return progress, (lambda run_id: progress.step(f"finished {run_label(run_id)}"))
 
 
 def run_grade(args: argparse.Namespace) -> int:
     from grader.pipeline import grade
+    from grader.prepare import PrepareError
     from grader.render import gradescope_results
 
-    bar, tick = _progress(f"grading {args.path.name}")
-    with bar:
-        result = grade(args.path, args.out, _profile(args), args.data_root, args.device,
-                       args.workers, args.rubric, args.cache, on_progress=tick,
-                       run_cache=args.run_cache)
+    profile = _profile(args)
+    progress, tick = _run_progress(f"grading {args.path.name}", profile, f"grading {args.path}")
+    try:
+        with progress:
+            result = grade(args.path, args.out, profile, args.data_root, args.device,
+                           args.workers, args.rubric, args.cache, on_progress=tick,
+                           run_cache=args.run_cache)
+    except PrepareError as error:
+        # The path exists (checked while parsing): what is wrong is the hand-in itself (a
+        # .zip that does not open, no lab notebook). That is the student's, and it gets a
+        # grade of 0 with the reason, like a batch gives it, not a usage error.
+        result = not_graded(args.path, args.out, profile.name, args.rubric, str(error))
     if args.format == "gradescope":
         (args.out / "results.json").write_text(json.dumps(gradescope_results(result), indent=1))
     print(f"{result['submission']}: {result['score']:g}/{result['max_score']:g} "
@@ -116,16 +321,33 @@ def run_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def not_graded(path: Path, out: Path, profile_name: str, rubric_path: Path | None,
+               message: str) -> dict:
+    """The result of a hand-in that cannot be graded at all: 0 points, the reason as its failure."""
+    from grader.batch import failure_result, read_rubric, student_id, write_failure
+
+    print(f"slimgrade: {message}", file=sys.stderr)
+    result = failure_result(student_id(path.resolve().name), profile_name,
+                            read_rubric(rubric_path), " ".join(message.split()), "", 0.0)
+    write_failure(Path(out), result)
+    return result
+
+
 def run_check(args: argparse.Namespace) -> int:
     from grader.pipeline import grade
 
-    bar, tick = _progress("checking your lab")
-    with bar:
-        result = grade(args.path, args.out, _profile(args), args.data_root, args.device,
+    profile = _profile(args)
+    progress, tick = _run_progress("checking your lab", profile, f"checking {args.path.resolve()}")
+    with progress:
+        result = grade(args.path, args.out, profile, args.data_root, args.device,
                        on_progress=tick)
     print(summary_text(result))
     print(f"\nFull report: {(args.out / 'report.html').resolve()}")
     return 0
+
+
+SEVERITY_WORDS = {"error": "Mistake", "warning": "Worth fixing (costs nothing)",
+                  "info": "Worth knowing (not your fault)"}
 
 
 def summary_text(result: dict) -> str:
@@ -135,20 +357,26 @@ def summary_text(result: dict) -> str:
         if check["status"] != "skip":
             lines.append(f"  [{STATUS_MARK[check['status']]}] {check['title']}: "
                          f"{check['points']:g}/{check['max_points']:g}  {check['message']}")
-    for diagnosis in result["diagnoses"]:
-        lines += ["", f"{'Note' if diagnosis['severity'] == 'info' else 'Mistake'} "
-                      f"[{diagnosis['id']}]: {diagnosis['message']}", f"  Hint: {diagnosis['hint']}"]
     for failure in result["failures"]:
         lines += ["", f"Failure ({failure['kind']}): {failure['message']}"]
+    for diagnosis in result["diagnoses"]:
+        lines += ["", f"{SEVERITY_WORDS.get(diagnosis['severity'], 'Mistake')} "
+                      f"[{diagnosis['id']}]: {diagnosis['message']}"]
+        if diagnosis.get("hint"):
+            lines.append(f"  Hint: {diagnosis['hint']}")
+    for note in result.get("profile_notes") or []:
+        lines += ["", f"Not counted: {note['message']}", f"  {note.get('explanation', '')}".rstrip()]
     return "\n".join(lines)
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from grader.batch import grade_class
+    from grader.batch import batch_summary, grade_class
 
-    grade_class(args.path, args.out, _profile(args), data_root=args.data_root, device=args.device,
-                workers=args.workers, force=args.force, rubric_path=args.rubric, cache_root=args.cache,
-                run_cache=args.run_cache)
+    rows = grade_class(args.path, args.out, _profile(args), data_root=args.data_root,
+                       device=args.device, workers=args.workers, force=args.force,
+                       rubric_path=args.rubric, cache_root=args.cache, run_cache=args.run_cache,
+                       only=args.only, exclude=args.exclude)
+    print(batch_summary(rows, args.out))
     return 0
 
 

@@ -3,7 +3,9 @@
 Each unit reads the evaluation (plain facts, see ``grader.evaluate``) and either
 finds nothing or returns a message and its evidence. Its id, stage, severity and
 hint for the student are declared with it. ``error`` means a mistake of the
-student's; ``info`` is worth knowing and costs nothing.
+student's; ``warning`` is worth fixing but costs nothing under the course's rubric
+(the ungraded min-channel TODO; a rubric may weigh it); ``info`` is worth knowing
+and not the student's doing.
 """
 from __future__ import annotations
 
@@ -79,9 +81,13 @@ def copy_issues(facts: dict, part: str) -> list[dict]:
             and d["kind"] != "moved" and (d["kind"] != "shape" or not has_single_channel_layer(facts))]
 
 
+def kept_channels(facts: dict) -> list:
+    """Channels kept per layer, from the dumped cfg_mask or else the dumped cfg."""
+    return facts.get("student_kept") or [v for v in (facts.get("state_cfg") or []) if v != "M"]
+
+
 def has_single_channel_layer(facts: dict) -> bool:
-    kept = facts.get("student_kept") or [v for v in (facts.get("state_cfg") or []) if v != "M"]
-    return 1 in kept
+    return 1 in kept_channels(facts)
 
 
 def claim_gap(facts: dict) -> bool:
@@ -195,9 +201,24 @@ diagnosis("sort-descending", "vggprune",
                                           "few channels are cut."))
 
 
+@diagnosis("masks-differ", "vggprune",
+           "Sort the |gamma| of all BN layers together, take threshold = sorted[int(total * "
+           "PRUNE_PERCENT)], and keep a channel when its |gamma| is above it.")
+def masks_differ(evaluation: dict) -> Finding | None:
+    """Wrong masks that match no catalogued mistake: say what differs, name no cause."""
+    evidence = per_run(evaluation, lambda label, f: (
+        [f"cfg_mask differs from a correct global threshold in BN layer(s) "
+         f"{f.get('mask_layers_wrong')}: the correct masks keep {f['reference_kept']}, yours "
+         f"keep {f['student_kept']}"]
+        if f.get("masks_reported") and not f.get("mask_correct") and f.get("mask_strategy") is None
+        and not label.startswith("chained") else []))
+    return finding("The masks differ from those of one global threshold on |gamma|, in a way "
+                   "that matches no known mistake.", evidence)
+
+
 @diagnosis("min-channel-first-k", "vggprune",
            "When a layer keeps too few channels, keep its channels with the LARGEST |gamma| "
-           "(torch.topk of weight.abs()), not its first channels.")
+           "(torch.topk of weight.abs()), not its first channels.", severity="warning")
 def min_channel_first_k(evaluation: dict) -> Finding | None:
     evidence = per_run(evaluation, lambda _, f: (
         [f"in BN layer(s) {f['kept_not_top_k']} the min-channel rule kept channels that are not "
@@ -208,11 +229,11 @@ def min_channel_first_k(evaluation: dict) -> Finding | None:
 
 @diagnosis("single-channel-index", "vggprune",
            "np.squeeze turns the indices of a 1-channel layer into a scalar; keep them 1-D: "
-           "if idx.size == 1: idx = np.resize(idx, (1,)).")
+           "if idx.size == 1: idx = np.resize(idx, (1,)).", severity="warning")
 def single_channel_index(evaluation: dict) -> Finding | None:
     def describe(label: str, facts: dict) -> list[str]:
-        if not has_single_channel_layer(facts):
-            return []
+        if not has_single_channel_layer(facts) or 0 in kept_channels(facts):
+            return []  # a layer with no channel at all breaks the run first (layer-zero-channels)
         broken = [d["detail"] for d in facts.get("copy_differences", []) if d["kind"] == "shape"]
         if facts.get("thin_error"):
             broken.append(facts["thin_error"])
@@ -224,11 +245,12 @@ def single_channel_index(evaluation: dict) -> Finding | None:
 
 
 @diagnosis("layer-zero-channels", "vggprune",
-           "Never leave a layer with 0 channels (the TODO): keep at least its top-3 |gamma|.")
+           "Never leave a layer with 0 channels (the TODO): keep at least its top-3 |gamma|.",
+           severity="warning")
 def layer_zero_channels(evaluation: dict) -> Finding | None:
     evidence = per_run(evaluation, lambda _, f: (
         [f"cfg {f.get('state_cfg')} holds a layer with 0 channels"]
-        if 0 in [v for v in (f.get("state_cfg") or []) if v != "M"] else []))
+        if 0 in kept_channels(f) else []))
     return finding("A layer was left with no channel at all, so the thin model cannot be built.", evidence)
 
 
@@ -343,6 +365,23 @@ def finetune_architecture_changed(evaluation: dict) -> Finding | None:
         return None
     return "The fine-tuned model does not have the pruned architecture.", [
         f"fine-tuned cfg {facts.get('cfg')}"]
+
+
+# ---------------------------------------------------------------- provenance
+
+@diagnosis("checkpoint-not-trained", "provenance",
+           "Hand in notebooks that train: the grader runs them and judges what they write.")
+def checkpoint_not_trained(evaluation: dict) -> Finding | None:
+    """A trained checkpoint equal, tensor for tensor, to a reference one or to its own input."""
+    places = [("sparsity training", evaluation.get("sparsity", {}).get("lambda")),
+              ("sparsity training with lambda 0", evaluation.get("sparsity", {}).get("lambda0")),
+              ("fine-tuning", evaluation.get("finetune")),
+              ("your own pipeline's sparsity training", evaluation.get("chained", {}).get("sparsity")),
+              ("your own pipeline's fine-tuning", evaluation.get("chained", {}).get("finetune"))]
+    evidence = [f"the checkpoint of the {what} equals {facts['copied_from']} in every tensor"
+                for what, facts in places if facts and facts.get("copied_from")]
+    return finding("A checkpoint that training should have written is a copy: an honest run "
+                   "never ends exactly on a reference checkpoint or on its own input.", evidence)
 
 
 # ---------------------------------------------------------------- prepare

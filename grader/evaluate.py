@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,9 @@ class TrustedData:
     bundle_dir: Path
     train_loader: TensorLoader
     test_loader: TensorLoader
+    # The bundle's checkpoints by file name (state dicts): a run's output equal to one of
+    # these, tensor for tensor, did not come from an honest training run.
+    references: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def claimed_accuracies(text: str) -> list[float]:
@@ -75,6 +78,7 @@ def sparsity_facts(checkpoint_path: Path, data: TrustedData) -> dict:
     return {
         "missing_keys": [k for k in ("epoch", "state_dict", "best_prec1", "optimizer")
                          if k not in checkpoint],
+        "copied_from": copied_from(state, data.references),
         "claimed_best_prec1": _as_float(checkpoint.get("best_prec1")),
         "accuracy": accuracy(model, data.test_loader),
         "gamma": gamma_stats(gammas.numpy()),
@@ -106,8 +110,10 @@ def compare_sparsity(student: dict, baseline: dict | None, reference: dict) -> d
 
 # ---------------------------------------------------------------- pruning
 
-def mask_strategies(model: nn.Module, ratio: float, min_channels: int) -> dict[str, list[np.ndarray]]:
-    """The masks a correct prune gives, and those of each catalogued way of getting it wrong."""
+def mask_strategies(model: nn.Module, ratio: float, min_channels: int) -> dict[str, list[list[np.ndarray]]]:
+    """The masks a correct prune gives, and those of each catalogued way of getting it wrong,
+    each in every form a student writes it: a strict or non-strict comparison (``gt``/``>``
+    or ``ge``/``>=``), a sort in either direction read from the right end."""
     gammas = [bn.weight.detach().cpu().numpy() for bn in bn_layers(model)]
     magnitudes = [np.abs(g) for g in gammas]
     everything = np.sort(np.concatenate(magnitudes))
@@ -116,29 +122,44 @@ def mask_strategies(model: nn.Module, ratio: float, min_channels: int) -> dict[s
     signed_threshold = float(signed[int(len(signed) * ratio)])
     descending_threshold = float(everything[::-1][int(len(everything) * ratio)])
 
+    def above(values: list[np.ndarray], cut: float) -> list[list[np.ndarray]]:
+        """Kept where above ``cut``: strictly, and also at it."""
+        return [[(v > cut).astype(np.int64) for v in values],
+                [(v >= cut).astype(np.int64) for v in values]]
+
     def first_k(mask: np.ndarray) -> np.ndarray:
         mask = mask.copy()
         if mask.sum() < min_channels:
             mask[:min_channels] = 1
         return mask
 
-    def per_layer(m: np.ndarray) -> np.ndarray:
-        return (m > np.sort(m)[int(len(m) * ratio)]).astype(np.int64)
+    def per_layer(strict: bool) -> list[np.ndarray]:
+        return [((m > np.sort(m)[int(len(m) * ratio)]) if strict else
+                 (m >= np.sort(m)[int(len(m) * ratio)])).astype(np.int64) for m in magnitudes]
 
     def correct(k: int) -> list[np.ndarray]:
         return [m.numpy().astype(np.int64) for m in compute_masks(model, ratio, k).cfg_mask]
 
     # The min-channel rule is an ungraded TODO: any "keep at least k" gives a correct mask.
     return {
-        "correct": correct(min_channels),
-        "correct-without-min-rule": correct(0),
-        **{f"correct-min-{k}": correct(k) for k in range(1, MAX_MIN_CHANNELS + 1) if k != min_channels},
-        "inverted": [(m <= threshold).astype(np.int64) for m in magnitudes],
-        "signed": [(g > signed_threshold).astype(np.int64) for g in gammas],
-        "per-layer": [per_layer(m) for m in magnitudes],
-        "descending": [(m > descending_threshold).astype(np.int64) for m in magnitudes],
-        "first-k": [first_k((m > threshold).astype(np.int64)) for m in magnitudes],
+        "correct": [correct(min_channels), above(magnitudes, threshold)[1]],
+        "correct-without-min-rule": [correct(0)],
+        **{f"correct-min-{k}": [correct(k)] for k in range(1, MAX_MIN_CHANNELS + 1) if k != min_channels},
+        "inverted": [[(m <= threshold).astype(np.int64) for m in magnitudes],
+                     [(m < threshold).astype(np.int64) for m in magnitudes]],
+        "signed": above(gammas, signed_threshold),
+        "per-layer": [per_layer(True), per_layer(False)],
+        "descending": above(magnitudes, descending_threshold),
+        "first-k": [[first_k((m > threshold).astype(np.int64)) for m in magnitudes]],
     }
+
+
+def inverted_by_evidence(masks: list[np.ndarray], model: nn.Module, threshold: float) -> bool:
+    """Every kept |gamma| is at or below the threshold: the smallest channels were kept."""
+    kept = [np.abs(bn.weight.detach().cpu().numpy())[m.astype(bool)]
+            for bn, m in zip(bn_layers(model), masks)]
+    values = np.concatenate(kept) if kept else np.array([])
+    return values.size > 0 and bool(np.all(values <= threshold))
 
 
 def student_masks(state: dict, widths: list[int]) -> list[np.ndarray] | None:
@@ -155,10 +176,11 @@ def student_masks(state: dict, widths: list[int]) -> list[np.ndarray] | None:
     return [(m != 0).astype(np.int64) for m in masks]
 
 
-def matching_strategy(masks: list[np.ndarray], strategies: dict[str, list[np.ndarray]]) -> str | None:
-    for name, candidate in strategies.items():
-        if all(np.array_equal(a, b) for a, b in zip(masks, candidate, strict=True)):
-            return name
+def matching_strategy(masks: list[np.ndarray], strategies: dict[str, list[list[np.ndarray]]]) -> str | None:
+    for name, forms in strategies.items():
+        for candidate in forms:
+            if all(np.array_equal(a, b) for a, b in zip(masks, candidate, strict=True)):
+                return name
     return None
 
 
@@ -179,12 +201,14 @@ def copy_differences(original: dict[str, torch.Tensor], thin: dict[str, torch.Te
         for name in ("weight", "bias", "running_mean", "running_var"):
             expected[f"{prefix}.{name}"] = original[f"{prefix}.{name}"][out_idx]
         layer_differences = [d for key, want in expected.items()
-                             for d in _compare(key, layer, want, thin.get(key))]
+                             for d in _compare(key, layer, want, thin.get(key), expected)]
         affine_exact = not any(d["tensor"] in ("weight", "bias") and d["part"] == "bn"
                                for d in layer_differences)
-        for d in layer_differences:
-            if affine_exact and d["tensor"] in ("running_mean", "running_var") and d["kind"] == "differs":
-                # Copied right, then moved by a forward pass in train mode: not a copy bug.
+        statistics = [d for d in layer_differences if d["tensor"] in ("running_mean", "running_var")]
+        # A forward pass in train mode moves both statistics and neither affine tensor: not a
+        # copy bug. One statistic alone, or one holding another tensor's values, is a copy bug.
+        if affine_exact and len(statistics) == 2 and all(d["kind"] == "differs" for d in statistics):
+            for d in statistics:
                 d["kind"] = "moved"
                 d["detail"] = (f"{d['tensor']} of BN layer {layer} moved away from its kept slice "
                                "while gamma and beta are exact (statistics updated in train mode)")
@@ -200,7 +224,10 @@ def copy_differences(original: dict[str, torch.Tensor], thin: dict[str, torch.Te
 FRESH_VALUES = {"weight": 0.5, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
-def _compare(key: str, layer: int | None, want: torch.Tensor, got: torch.Tensor | None) -> list[dict]:
+def _compare(key: str, layer: int | None, want: torch.Tensor, got: torch.Tensor | None,
+             siblings: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """How ``got`` differs from ``want``; ``siblings`` are the kept slices of the other tensors
+    of the same layer, so that "this is running_mean, not running_var" can be said."""
     tensor = key.rsplit(".", 1)[-1]
     kind_of = ("conv" if key.startswith("feature.") and want.dim() == 4 else
                "linear" if key.startswith("classifier.") else "bn")
@@ -213,7 +240,13 @@ def _compare(key: str, layer: int | None, want: torch.Tensor, got: torch.Tensor 
     if torch.equal(got, want):
         return []
     where = f"BN layer {layer}" if layer is not None else "the classifier"
-    if kind_of == "bn" and _initial_value(got, FRESH_VALUES[tensor]):
+    swapped = next((other for other, value in (siblings or {}).items() if other != key
+                    and value.shape == got.shape and torch.equal(got, value)), None)
+    if swapped is not None:
+        source = swapped.rsplit(".", 1)[-1]
+        detail = f"{tensor} of {where} holds the kept values of {source}, not of {tensor}"
+        kind = "swapped"
+    elif kind_of == "bn" and _initial_value(got, FRESH_VALUES[tensor]):
         detail = f"{tensor} of {where} is still all {FRESH_VALUES[tensor]:g} (its initial value)"
         kind = "initial"
     elif kind_of == "linear" and tensor == "bias" and _initial_value(got, 0.0):
@@ -237,13 +270,13 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     profile = data.profile
     original = model_from_state(original_state, "the original checkpoint")
     strategies = mask_strategies(original, ratio, profile.min_channels)
-    widths = [len(m) for m in strategies["correct"]]
+    widths = [len(m) for m in strategies["correct"][0]]
     facts: dict = {
         "ratio": ratio,
         "threshold_reference": global_threshold(original, ratio),
         "threshold_claimed": _as_float(state.get("threshold")),
-        "reference_kept": [int(m.sum()) for m in strategies["correct"]],
-        "reference_kept_without_min_rule": [int(m.sum()) for m in strategies["correct-without-min-rule"]],
+        "reference_kept": [int(m.sum()) for m in strategies["correct"][0]],
+        "reference_kept_without_min_rule": [int(m.sum()) for m in strategies["correct-without-min-rule"][0]],
         "claimed_accuracies": claimed_accuracies(stdout),
         "claimed_prune_ratio": claimed_prune_ratio(stdout),
         "state_cfg": state.get("cfg"),
@@ -252,14 +285,19 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     facts["masks_reported"] = masks is not None
     if masks is not None:
         facts["student_kept"] = [int(m.sum()) for m in masks]
-        facts["mask_strategy"] = matching_strategy(masks, strategies)
-        facts["mask_correct"] = (facts["mask_strategy"] or "").startswith("correct")
+        strategy = matching_strategy(masks, strategies)
+        if strategy is None and inverted_by_evidence(masks, original, facts["threshold_reference"]):
+            strategy = "inverted"
+        facts["mask_strategy"] = strategy
+        # The min-channel rule is an ungraded TODO: keeping a layer's first k is a warning.
+        facts["mask_correct"] = (strategy or "").startswith("correct") or strategy == "first-k"
         facts["mask_layers_wrong"] = [] if facts["mask_correct"] else [
-            k for k, (a, b) in enumerate(zip(masks, strategies["correct"])) if not np.array_equal(a, b)]
+            k for k, (a, b) in enumerate(zip(masks, strategies["correct"][0])) if not np.array_equal(a, b)]
         facts["kept_not_top_k"] = _kept_not_top_k(masks, original, profile.min_channels,
-                                                   strategies["correct-without-min-rule"])
+                                                   strategies["correct-without-min-rule"][0])
     try:
-        checkpoint = load_student_checkpoint(work_dir / checkpoint_name, ("cfg", "state_dict"))
+        checkpoint = load_student_checkpoint(work_dir / checkpoint_name, ("cfg", "state_dict"),
+                                             base=work_dir)  # no link on the way either
         thin_state = state_dict_of(checkpoint, checkpoint_name)
     except CheckpointError as error:
         facts["checkpoint_error"] = str(error)
@@ -267,7 +305,7 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     facts["cfg"] = _plain_cfg(checkpoint["cfg"])
     facts["cfg_from_shapes"] = _safe_cfg(thin_state)
     if masks is None:  # no dumped cfg_mask: judge the copy against the reference masks
-        masks = strategies["correct"] if facts["cfg_from_shapes"] == cfg_from_masks(original, strategies["correct"]) else None
+        masks = strategies["correct"][0] if facts["cfg_from_shapes"] == cfg_from_masks(original, strategies["correct"][0]) else None
     if masks is not None:
         facts["copy_differences"] = copy_differences(original_state, thin_state, masks)
     try:
@@ -315,12 +353,15 @@ def _logits_gap(a: nn.Module, b: nn.Module, loader: TensorLoader) -> float:
 # ---------------------------------------------------------------- fine-tuning
 
 def finetune_facts(checkpoint_path: Path, start_cfg: list | None, start_accuracy: float | None,
-                   data: TrustedData) -> dict:
-    """Architecture (read from tensor shapes: the checkpoint has no cfg) and eval accuracy."""
+                   data: TrustedData, start: dict[str, torch.Tensor] | None = None) -> dict:
+    """Architecture (read from tensor shapes: the checkpoint has no cfg), eval accuracy, and
+    whether it is its own input or a reference checkpoint unchanged (no training happened)."""
     checkpoint = load_student_checkpoint(checkpoint_path, ("state_dict",))
     state = state_dict_of(checkpoint, checkpoint_path.name)
     cfg = _safe_cfg(state)
+    candidates = {**data.references, **({"its input": start} if start is not None else {})}
     facts = {"cfg": cfg, "architecture_kept": None if start_cfg is None else cfg == list(start_cfg),
+             "copied_from": copied_from(state, candidates),
              "claimed_best_prec1": _as_float(checkpoint.get("best_prec1")),
              "start_accuracy": start_accuracy,
              "missing_keys": [k for k in ("epoch", "state_dict", "best_prec1", "optimizer")
@@ -328,6 +369,18 @@ def finetune_facts(checkpoint_path: Path, start_cfg: list | None, start_accuracy
     model = model_from_state(state, checkpoint_path.name, cfg)
     facts["accuracy"] = accuracy(model, data.test_loader)
     return facts
+
+
+# ---------------------------------------------------------------- provenance
+
+def copied_from(state: dict[str, torch.Tensor], candidates: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """The name of a candidate ``state`` equals tensor for tensor: training is random, so an
+    honest run never ends exactly on a reference checkpoint or where it started."""
+    for name, other in candidates.items():
+        if other.keys() == state.keys() and all(
+                other[k].shape == v.shape and torch.equal(other[k], v) for k, v in state.items()):
+            return name
+    return None
 
 
 # ---------------------------------------------------------------- small helpers
@@ -367,25 +420,78 @@ def safely(step: Callable[[], dict]) -> dict:
         return {"error": str(error)}
 
 
-# ---------------------------------------------------------------- the edge-case input
+# ---------------------------------------------------------------- the probes' inputs
 
 EDGE_RATIO = 0.5
+# The course's suggestion for the min-channel TODO: every layer keeps at least 3 channels.
+BALANCED_MIN_KEPT = 3
+
+
+def _bn_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k[: -len(".running_var")] for k in state if k.endswith(".running_var")]
+
+
+def balanced_prune_state(state: dict[str, torch.Tensor], ratio: float,
+                         min_kept: int = BALANCED_MIN_KEPT) -> dict[str, torch.Tensor]:
+    """The same network with every layer keeping at least ``min_kept`` channels at ``ratio``
+    under a correct global threshold, as the full-scale model does at 0.9.
+
+    A short profile's checkpoint can lose whole layers at 0.9, where the full model keeps
+    at least 17 channels in each: a notebook without a min-channel rule would crash here
+    and not at full scale. So in each short layer its strongest channels are scaled up:
+    gamma and beta by c > 0, and the weights that read the channel (the next conv's input
+    slice, or the classifier's column) by 1/c. ReLU and max-pooling commute with c > 0, so
+    in eval mode the network computes the same function; only the order of |gamma| moves.
+    """
+    edited = {k: v.clone() for k, v in state.items()}
+    prefixes = _bn_prefixes(edited)
+    convs = [k for k, v in edited.items() if k.startswith("feature.") and v.dim() == 4]
+    readers = [*convs[1:], "classifier.weight"]  # what reads layer i's channels: column dim 1
+    for _ in range(len(prefixes) + 1):
+        everything = torch.sort(torch.cat([edited[f"{p}.weight"].abs() for p in prefixes]))[0]
+        threshold = float(everything[int(len(everything) * ratio)])
+        largest = float(everything[-1])
+        short = [i for i, p in enumerate(prefixes)
+                 if int((edited[f"{p}.weight"].abs() > threshold).sum()) < min_kept]
+        if not short:
+            return edited
+        for layer in short:
+            gamma, beta = edited[f"{prefixes[layer]}.weight"], edited[f"{prefixes[layer]}.bias"]
+            magnitude = gamma.abs()
+            # Positive gammas first: scaling keeps the sign, and a large negative gamma made
+            # here would decide a signed-threshold verdict by the luck of training.
+            order = sorted(range(magnitude.numel()),
+                           key=lambda c: (bool(gamma[c] <= 0), -float(magnitude[c])))
+            for rank, channel in enumerate(order[:min_kept]):
+                if magnitude[channel] > threshold or magnitude[channel] == 0:
+                    continue
+                # Distinct targets above every threshold: no tie decides a mask.
+                target = largest * (1.0 + 0.01 * (layer * min_kept + rank + 1))
+                factor = target / float(magnitude[channel])
+                gamma[channel] *= factor
+                beta[channel] *= factor
+                edited[readers[layer]][:, channel] /= factor
+    return edited
 
 
 def edge_case_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The reference sparse weights with one BN layer left a single channel above the threshold.
+    """The reference sparse weights with one BN layer left a single channel above the threshold,
+    and one large negative gamma elsewhere.
 
     The first layer of at least 8 channels (past the first two) gets tiny distinct |gamma|
     except its LAST channel, which gets the largest |gamma| of the network. Pruned at
     ``EDGE_RATIO``, a notebook without a min-channel rule meets a 1-channel layer (it needs
     the index guard), and a rule that keeps the first k channels keeps the wrong ones.
+    The next layer's first channel gets minus that largest |gamma|: a threshold taken on
+    signed gamma cuts it, whatever the trained gammas happen to be on this machine.
     """
     edited = {k: v.clone() for k, v in state.items()}
-    prefixes = [k[: -len(".running_var")] for k in state if k.endswith(".running_var")]
+    prefixes = _bn_prefixes(state)
     largest = max(float(state[f"{p}.weight"].abs().max()) for p in prefixes)
     layer = next(i for i, p in enumerate(prefixes)
                  if i >= 2 and state[f"{p}.weight"].numel() >= 8)
     gamma = edited[f"{prefixes[layer]}.weight"]
     gamma.copy_(torch.arange(1, gamma.numel() + 1, dtype=gamma.dtype) * 1e-6)
     gamma[-1] = largest
+    edited[f"{prefixes[layer + 1]}.weight"][0] = -largest * 0.99
     return edited, layer

@@ -20,8 +20,10 @@ runs still compute; the kernel is still this run's own, fresh and sandboxed.
 
 Budgets: a cell may run ``profile.cell_timeout_s`` and the student's cells together
 ``profile.run_timeout_s`` (the grader's own cells and the kernel start are not
-counted); the kernel's process tree may use ``profile.memory_limit_mb``; the executed
-notebook keeps at most ``profile.output_limit_bytes`` of output.
+counted); the kernel's process tree may use ``profile.memory_limit_mb`` (what the
+sandbox's /tmp and /dev/shm hold included), its work dir ``profile.disk_limit_mb`` and
+each file it writes ``profile.file_limit_mb`` (RLIMIT_FSIZE, set in the sandbox); the
+executed notebook keeps at most ``profile.output_limit_bytes`` of output.
 
 In ``Failure`` and ``RunResult``, cell indices are 0-based positions in the *student's*
 notebook (markdown cells included); failure messages count cells from 1, as a reader does.
@@ -36,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -51,7 +54,10 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 
 from grader import sandbox
+from grader.runtime import SAVED_KEY
 from grader.sandbox import KernelPlace, StudentKernelManager
+from grader.untrusted import UntrustedFileError, read_json
+from grader.untrusted import read_notebook as read_notebook  # the one reader of student notebooks
 from reference.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -63,9 +69,17 @@ KNOWN_PARAMETERS = ("LAMBDA", "SPARSITY_REGULARIZATION", "SEED", "TRAIN_BATCH_SI
 INJECTED_TAG = "slimgrade-injected"
 PARAMETERS_TAG = "parameters"
 STATE_FILE = "slimgrade_state.json"
-PRIVATE_DIR = ".slimgrade"  # inside the work dir: the kernel's HOME, its log, its sockets
-KERNEL_LOG = "kernel.log"
+PRIVATE_DIR = ".slimgrade"  # inside the work dir: the kernel's HOME and its sockets
+KERNEL_LOG = "kernel.log"  # in the grader's folder of the run (``grader_dir``)
+# The work dir is the kernel's: anything in it may be a link, a FIFO or a folder by the time
+# the grader looks. What the grader writes for a run (executed notebook, kernel log) goes to
+# a sibling folder no kernel can reach, and what it reads back goes through grader.untrusted.
+GRADER_DIR_SUFFIX = ".grader"
+# The kernel's state dump: masks and short lists, each value capped at 4 MB by the runtime.
+MAX_STATE_BYTES = 16 * 1024 * 1024
 FAILURE_KINDS = ("timeout", "out-of-memory", "kernel-died", "exception", "missing-artifact")
+# Failures that end a run; after an exception the following cells still run.
+STOPPING = ("timeout", "out-of-memory", "kernel-died")
 # The grader's own cells: importing torch and reading CIFAR-10 can take a while on a
 # loaded machine; dumping the state takes well under a second, unless the kernel is
 # still stuck in a cell that ignored the interrupt.
@@ -74,6 +88,12 @@ DUMP_TIMEOUT_S = 20
 KERNEL_START_TIMEOUT_S = 120
 WATCH_INTERVAL_S = 0.2
 PROPORTIONAL_INTERVAL_S = 1.0
+DISK_INTERVAL_S = 1.0  # how often the watch sums up the work dir
+# A work dir with more entries than this counts as over its disk limit (the walk stops there).
+MAX_WORK_DIR_ENTRIES = 100_000
+# The sandbox's own tmpfs mounts: their pages are memory the kernel holds.
+SANDBOX_TMPFS = ("/tmp", "/dev/shm")
+KERNEL_USER_NAME = "student"
 ERROR_TAIL_LINES = 15
 # sun_path holds 108 bytes; the ipc sockets are named <socket_dir>/kernel-<n>.
 MAX_SOCKET_PATH = 100
@@ -121,6 +141,9 @@ class RunSpec:
     device: str = "cpu"
     threads: int = 1
     expected_artifacts: list[str] = field(default_factory=list)  # relative to work_dir
+    # Other places, relative to work_dir, where the notebook's own paths put an expected
+    # artifact (the grader injects no path): looked at when the expected name is absent.
+    artifact_aliases: dict[str, list[str]] = field(default_factory=dict)
     sandbox: bool | None = None  # None: bubblewrap when available
     # The one GPU the kernel sees (an entry of CUDA_VISIBLE_DEVICES); None: what the grader sees.
     visible_gpu: str | None = None
@@ -133,13 +156,16 @@ class Failure:
     message: str  # one sentence for the student
     cell_index: int | None  # 0-based, in the student's notebook
     error_tail: str = ""  # last lines of the traceback, without colour codes
+    # Set when the failing cell hard-codes a value the grading profile changed (e.g. the
+    # notebook's own EPOCHS = 120 as range(120) while the profile runs 12 epochs): says so.
+    profile_cause: str | None = None
 
 
 @dataclass
 class RunResult:
     run_id: str
     notebook: str
-    executed_notebook: Path  # work_dir / "executed_<name>", outputs kept, injected cells tagged
+    executed_notebook: Path  # grader_dir(work_dir) / "executed_<name>": outputs kept, injected cells tagged
     failure: Failure | None
     state: dict  # what dump_state wrote; {} when it did not complete
     stdout_text: str  # all stream output of the student's cells, within the output cap
@@ -147,6 +173,20 @@ class RunResult:
     duration_s: float
     output_truncated: bool
     cell_seconds: list[float]  # one per cell of the student's notebook; 0.0 when not run
+    # Every cell that raised, the first one (``failure``) included: cells run past errors.
+    errors: list[Failure] = field(default_factory=list)
+    expected: list[str] = field(default_factory=list)  # the artifacts the run should write
+    # Expected artifact -> where the run wrote it (relative to the work dir); absent when not.
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name in self.expected if name not in self.artifacts]
+
+    @property
+    def usable(self) -> bool:
+        """Its artifacts exist and it was not cut short: a cell that raised does not spoil it."""
+        return not self.missing and (self.failure is None or self.failure.kind not in STOPPING)
 
 
 def run_notebook(spec: RunSpec, admit: Callable[[], bool] | None = None) -> RunResult | None:
@@ -163,16 +203,17 @@ def run_notebook(spec: RunSpec, admit: Callable[[], bool] | None = None) -> RunR
     name = spec.notebook.name
     work_dir = spec.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    executed_path = work_dir / f"executed_{name}"
+    executed_path = executed_notebook_path(work_dir, name)
     try:
         student_nb = read_notebook(spec.notebook)
     except Exception as error:  # any unreadable file is the submission's problem
         nbformat.write(nbformat.v4.new_notebook(), executed_path)
-        reason = _first_line(str(error)) or type(error).__name__
+        reason = (_first_line(str(error)) or type(error).__name__).rstrip(".")
         failure = Failure(name, "exception", f"{name} could not be read as a notebook: {reason}.",
                           None, "")
         return RunResult(spec.run_id, name, executed_path, failure, {}, "", [],
-                         time.monotonic() - started, False, [])
+                         time.monotonic() - started, False, [],
+                         expected=list(spec.expected_artifacts))
     run = _Run(spec, student_nb, choose_sandbox(spec.sandbox), admit)
     try:
         run.prepare()
@@ -185,10 +226,23 @@ def run_notebook(spec: RunSpec, admit: Callable[[], bool] | None = None) -> RunR
     return run.result(executed_path, time.monotonic() - run.admitted_at)
 
 
-def read_notebook(path: Path) -> NotebookNode:
-    """The notebook as nbformat 4.5 (cell ids), whatever minor version it was saved in."""
-    nb = nbformat.read(path, as_version=4)
-    return nbformat.v4.upgrade(nb, from_version=4, from_minor=nb.nbformat_minor)
+def grader_dir(work_dir: Path) -> Path:
+    """The grader's own folder of a run, beside its work dir (made here, and only here).
+
+    The kernel never sees it (the sandbox binds only the work dir), so a link or FIFO a
+    student leaves in the work dir under some name cannot redirect what is written here.
+    """
+    work_dir = Path(work_dir).resolve()
+    folder = work_dir.parent / f"{work_dir.name}{GRADER_DIR_SUFFIX}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or not folder.is_dir():
+        raise HarnessError(f"{folder} is not a folder of the grader's own.")
+    return folder
+
+
+def executed_notebook_path(work_dir: Path, notebook_name: str) -> Path:
+    """Where a run's executed notebook is written: in ``grader_dir``, never the work dir."""
+    return grader_dir(work_dir) / f"executed_{notebook_name}"
 
 
 def write_trusted_models(work_dir: Path, width_divisor: int) -> None:
@@ -209,15 +263,47 @@ def assigned_names(source: str) -> set[str]:
     Lines starting with % or ! (IPython magics, shell commands) are dropped before
     parsing; a cell that still does not parse binds nothing we can see.
     """
-    code = "\n".join(line for line in source.splitlines()
-                     if not line.lstrip().startswith(("%", "!")))
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
+    tree = parse_cell(source)
+    if tree is None:
         return set()
     names: set[str] = set()
     _collect_bindings(tree.body, names)
     return names
+
+
+def parse_cell(source: str) -> ast.Module | None:
+    code = "\n".join(line for line in source.splitlines()
+                     if not line.lstrip().startswith(("%", "!")))
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def literal_assignments(cells: Iterable[NotebookNode]) -> dict[str, list[object]]:
+    """Every plain literal a notebook assigns to a name, in order: ``{"EPOCHS": [120]}``."""
+    values: dict[str, list[object]] = {}
+    for cell in cells:
+        tree = parse_cell(cell.source) if cell.cell_type == "code" else None
+        for node in ast.walk(tree) if tree is not None else ():
+            if not isinstance(node, ast.Assign):
+                continue
+            try:
+                value = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    values.setdefault(target.id, []).append(value)
+    return values
+
+
+def numeric_literals(source: str) -> set[object]:
+    """The numbers written in a cell (booleans aside)."""
+    tree = parse_cell(source)
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)} \
+        if tree is not None else set()
 
 
 def _collect_bindings(statements: Iterable[ast.stmt], names: set[str]) -> None:
@@ -426,24 +512,42 @@ def _resolve_control_characters(text: str) -> str:
 
 
 class MemoryWatch(threading.Thread):
-    """Kills the kernel's process tree once its memory passes ``limit_bytes``.
+    """Kills the kernel's process tree once it holds more than ``limit_bytes`` of memory,
+    or its work dir more than ``disk_limit_bytes`` of disk (``reason`` says which).
 
     What counts is the tree's anonymous and shared-memory pages (the heap, tensors,
-    /dev/shm), not the mapped libraries: torch's libraries alone are half a gigabyte
+    mapped /dev/shm), not the mapped libraries: torch's libraries alone are half a gigabyte
     of file-backed pages shared with every other kernel and the grader. Pages a forked
     DataLoader worker still shares copy-on-write with the kernel count once: the cheap
     per-process sum (``quick_memory``) counts them in every process, so when it says
     "over", the proportional count (``proportional_memory``, which walks page tables and
-    costs milliseconds) decides, at most once a second.
+    costs milliseconds) decides, at most once a second. To both is added what the
+    sandbox's own tmpfs mounts hold (``tmpfs_usage``: files in its /tmp and /dev/shm are
+    memory even when no process maps them), so a kernel cannot park memory there; a
+    mapped tmpfs page counts twice, which honest kernels (a few DataLoader batches) never
+    notice.
+
+    The work dir is summed up at most once a second (``work_dir_usage``), from outside:
+    RLIMIT_FSIZE bounds each file, this bounds how many there are.
+
+    Once ``abort_kernels`` was called (the grader is being stopped), every watch kills
+    its kernel within ``WATCH_INTERVAL_S``, so that no run waits out its budget.
     """
 
-    def __init__(self, root: psutil.Process, limit_bytes: int) -> None:
+    def __init__(self, root: psutil.Process, limit_bytes: int, work_dir: Path | None = None,
+                 disk_limit_bytes: int | None = None,
+                 tmpfs: dict[str, int] | None = None) -> None:
         super().__init__(name="slimgrade-memory-watch", daemon=True)
         self.root = root
         self.limit_bytes = limit_bytes
-        self.exceeded = False
+        self.work_dir = work_dir
+        self.disk_limit_bytes = disk_limit_bytes
+        self.tmpfs = dict(tmpfs or {})  # sandbox mount point -> its size (as bwrap made it)
+        self.exceeded = False  # a limit was passed and the kernel killed
+        self.reason: str | None = None  # "memory", "disk", or "aborted" (not a limit)
         self._stop_event = threading.Event()
         self._next_proportional = 0.0
+        self._next_disk = 0.0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -454,16 +558,105 @@ class MemoryWatch(threading.Thread):
             processes = process_tree(self.root)
             if not processes:
                 return
-            if quick_memory(processes) <= self.limit_bytes:
-                continue
+            if _ABORT.is_set():
+                self.reason = "aborted"
+                kill_processes(processes)
+                return
             now = time.monotonic()
+            if self.work_dir is not None and self.disk_limit_bytes is not None \
+                    and now >= self._next_disk:
+                self._next_disk = now + DISK_INTERVAL_S
+                used, entries = work_dir_usage(self.work_dir, self.disk_limit_bytes)
+                if used > self.disk_limit_bytes or entries > MAX_WORK_DIR_ENTRIES:
+                    self._kill("disk", processes)
+                    return
+            held = tmpfs_usage(processes, self.tmpfs)
+            if quick_memory(processes) + held <= self.limit_bytes:
+                continue
             if now < self._next_proportional:
                 continue
             self._next_proportional = now + PROPORTIONAL_INTERVAL_S
-            if proportional_memory(processes) > self.limit_bytes:
-                self.exceeded = True
-                kill_processes(processes)
+            if proportional_memory(processes) + held > self.limit_bytes:
+                self._kill("memory", processes)
                 return
+
+    def _kill(self, reason: str, processes: list[psutil.Process]) -> None:
+        self.reason = reason
+        self.exceeded = True
+        kill_processes(processes)
+
+
+# Set once the grader is being stopped (SIGTERM, Ctrl-C): every kernel of this process dies.
+_ABORT = threading.Event()
+
+
+def abort_kernels() -> None:
+    """Make every memory watch of this process kill its kernel, now and from now on.
+
+    Safe in a signal handler (it only sets an event). The runs then end as their kernels
+    die, instead of running out their budgets while the grader waits to clean up.
+    """
+    _ABORT.set()
+
+
+def work_dir_usage(folder: Path, limit_bytes: int) -> tuple[int, int]:
+    """(bytes allocated, entries) under ``folder``, links never followed, each inode once.
+
+    Stops counting once either passes its limit (``limit_bytes``, ``MAX_WORK_DIR_ENTRIES``):
+    a hostile work dir costs at most that much walking.
+    """
+    total, entries = 0, 0
+    seen: set[tuple[int, int]] = set()
+    pending = [os.fspath(folder)]
+    while pending:
+        try:
+            scanner = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with scanner:
+            for entry in scanner:
+                entries += 1
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+                if total > limit_bytes or entries > MAX_WORK_DIR_ENTRIES:
+                    return total, entries
+    return total, entries
+
+
+def tmpfs_usage(processes: list[psutil.Process], mounts: dict[str, int]) -> int:
+    """Bytes the sandbox's tmpfs ``mounts`` (mount point -> size) hold, seen from outside.
+
+    They are read through ``/proc/<pid>/root`` of a process of the tree that lives in
+    another mount namespace than the grader (the sandbox's), and counted only when the
+    file system there has exactly the size bwrap gave it; 0 when none can be read.
+    """
+    if not mounts:
+        return 0
+    try:
+        own = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return 0
+    for process in processes:
+        try:
+            if os.readlink(f"/proc/{process.pid}/ns/mnt") == own:
+                continue
+            total = 0
+            for mount, size in mounts.items():
+                info = os.statvfs(f"/proc/{process.pid}/root{mount}")
+                if info.f_blocks * info.f_frsize != size:
+                    raise OSError(f"{mount} is not the sandbox's tmpfs yet")
+                total += (info.f_blocks - info.f_bfree) * info.f_frsize
+            return total
+        except OSError:
+            continue
+    return 0
 
 
 def process_tree(root: psutil.Process) -> list[psutil.Process]:
@@ -535,7 +728,10 @@ class _Run:
         self.work_dir = spec.work_dir.resolve()
         self.private = self.work_dir / PRIVATE_DIR
         self.temporary_socket_dir: Path | None = None
+        self.lease: sandbox.UserLease | None = None
         self.failure: Failure | None = None
+        self.errors: list[Failure] = []
+        self.own_values = literal_assignments(student_nb.cells)
         self.state: dict = {}
         self.cell_seconds = [0.0] * len(student_nb.cells)
         self.plan = plan_notebook(student_nb, self._install_code(), self._dump_code(),
@@ -566,16 +762,23 @@ class _Run:
         if len(str(socket_dir / "kernel-00")) > MAX_SOCKET_PATH:
             self.temporary_socket_dir = Path(tempfile.mkdtemp(prefix="slimgrade-"))
             socket_dir = self.temporary_socket_dir
+        # A uid/gid of this kernel's own (when the grader is root): its process limit is its own.
+        self.lease = sandbox.lease_user() if self.sandboxed else None
+        user = self.lease.user if self.lease is not None else None
         self.place = KernelPlace(self.work_dir, socket_dir, self.spec.data_root,
-                                 self.spec.device, self.sandboxed)
+                                 self.spec.device, self.sandboxed, user,
+                                 self.spec.profile.file_limit_mb * 1024 * 1024)
         if self.sandboxed:
-            sandbox.hand_over(self.work_dir)
+            sandbox.hand_over(self.work_dir, user)
             if self.temporary_socket_dir is not None:
-                sandbox.hand_over(self.temporary_socket_dir)
+                sandbox.hand_over(self.temporary_socket_dir, user)
 
     def cleanup(self) -> None:
         if self.temporary_socket_dir is not None:
             shutil.rmtree(self.temporary_socket_dir, ignore_errors=True)
+        if self.lease is not None:  # the kernel is down: its processes died with its sandbox
+            self.lease.release()
+            self.lease = None
 
     def kernel_env(self) -> dict[str, str]:
         """The kernel's whole environment: nothing of the grader's own (tokens, keys) leaks in."""
@@ -585,6 +788,10 @@ class _Run:
             "PATH": os.pathsep.join([str(Path(os.path.abspath(sys.executable)).parent),
                                      "/usr/local/bin", "/usr/bin", "/bin"]),
             "HOME": str(self.private / "home"),
+            # The kernel's uid has no passwd entry: getpass.getuser() (torch's and
+            # matplotlib's cache folders) reads these first.
+            "USER": KERNEL_USER_NAME,
+            "LOGNAME": KERNEL_USER_NAME,
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "PYTHONPATH": os.pathsep.join(python_path),
@@ -615,7 +822,7 @@ class _Run:
                                     startup_timeout=KERNEL_START_TIMEOUT_S, log=quiet)
         self.client = client
         env = self.kernel_env()
-        log_path = self.private / KERNEL_LOG
+        log_path = grader_dir(self.work_dir) / KERNEL_LOG  # outside the kernel's reach
         with open(log_path, "wb") as kernel_log:
             try:
                 await km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"],
@@ -624,7 +831,10 @@ class _Run:
             except Exception as error:
                 raise HarnessError(f"could not start a kernel for {self.name}: {error}") from error
         root = sandbox.launched_process(km)
-        watch = MemoryWatch(root, self.spec.profile.memory_limit_mb * 1024 * 1024) \
+        profile = self.spec.profile
+        watch = MemoryWatch(root, profile.memory_limit_mb * 1024 * 1024, self.work_dir,
+                            profile.disk_limit_mb * 1024 * 1024,
+                            sandbox.tmpfs_mounts() if self.sandboxed else None) \
             if root is not None else None
         try:
             if watch is not None:
@@ -639,8 +849,8 @@ class _Run:
                 if not await asyncio.to_thread(self.admit):
                     return
                 self.admitted_at = time.monotonic()
-                if self.sandboxed:
-                    sandbox.hand_over(self.work_dir)  # the inputs placed while the kernel waited
+                if self.sandboxed:  # the inputs placed while the kernel waited
+                    sandbox.hand_over(self.work_dir, self.place.user)
             timed_out = await self._run_student_cells(client, km, watch)
             if await km.is_alive():
                 if timed_out:
@@ -698,9 +908,12 @@ class _Run:
                     self.cell_seconds[origin] += time.monotonic() - began
             error_output = _error_output(cell)
             if error_output is not None:
-                self.failure = self._exception_failure(error_output, origin,
-                                                       self.plan.follows[position])
-                return False
+                # As nbgrader's autograding: every cell runs, a failing one costs only what
+                # depends on it (the checks see which artifacts and names are missing).
+                error = self._exception_failure(error_output, origin, self.plan.follows[position])
+                self.errors.append(error)
+                if error.profile_cause is None:
+                    self.failure = self.failure or error
         return False
 
     async def _run_dump(self, client: OutputCappedClient) -> None:
@@ -711,14 +924,15 @@ class _Run:
             await client.async_execute_cell(cell, position)
         except (CellTimeoutError, DeadKernelError):
             return
-        state_path = self.work_dir / STATE_FILE
-        if _error_output(cell) is None and state_path.is_file():
-            try:
-                loaded = json.loads(state_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return
-            if isinstance(loaded, dict):
-                self.state = loaded
+        if _error_output(cell) is not None:
+            return
+        try:  # the student's code could have replaced the dump: a link, a FIFO, a JSON bomb
+            loaded = read_json(self.work_dir / STATE_FILE, MAX_STATE_BYTES, self.work_dir)
+        except UntrustedFileError as error:
+            log.info("%s: state dump not used: %s", self.name, error)
+            return
+        if isinstance(loaded, dict):
+            self.state = loaded
 
     async def _shutdown(self, client: OutputCappedClient, km: StudentKernelManager,
                         root: psutil.Process | None) -> None:
@@ -750,11 +964,18 @@ class _Run:
     def _death_failure(self, origin: int | None, km: StudentKernelManager,
                        watch: MemoryWatch | None) -> Failure:
         label = self._cell_label(origin)
+        if watch is not None and watch.exceeded and watch.reason == "disk":
+            limit = self.spec.profile.disk_limit_mb
+            return Failure(self.name, "out-of-memory",
+                           f"{self.name}: {label} filled the disk: the notebook's folder held more "
+                           f"than {limit} MB (or {MAX_WORK_DIR_ENTRIES} files), the disk limit of "
+                           f"this grading profile, and the kernel was stopped.", origin, "")
         if watch is not None and watch.exceeded:
             limit = self.spec.profile.memory_limit_mb
             return Failure(self.name, "out-of-memory",
-                           f"{self.name}: {label} used more than {limit} MB of memory, the limit "
-                           f"of this grading profile, and the kernel was stopped.", origin, "")
+                           f"{self.name}: {label} used more than {limit} MB of memory (files in "
+                           f"/tmp and /dev/shm included), the limit of this grading profile, "
+                           f"and the kernel was stopped.", origin, "")
         status = _exit_status(km)
         return Failure(self.name, "kernel-died",
                        f"{self.name}: the Python kernel died while running {label}{status}; "
@@ -775,24 +996,47 @@ class _Run:
         message = f"{self.name}: {self._cell_label(origin)} raised {raised}"
         if not message.endswith((".", "!", "?")):
             message += "."
-        return Failure(self.name, "exception", message, origin, _traceback_tail(error_output))
+        return Failure(self.name, "exception", message, origin, _traceback_tail(error_output),
+                       self._profile_cause(origin))
+
+    def _profile_cause(self, origin: int) -> str | None:
+        """Why a failing cell may be the profile's doing: it hard-codes a number that the
+        notebook assigns to a name the profile changed (``range(120)`` beside ``EPOCHS = 120``)."""
+        source = self.student_nb.cells[origin].source
+        written = numeric_literals(source)
+        for name, injected in self.spec.parameters.items():
+            if name in assigned_names(source):
+                continue
+            for own in self.own_values.get(name, ()):
+                # Only telling numbers: a bool, 0, 1 or 2 is written everywhere for other reasons.
+                if type(own) not in (int, float) or abs(own) <= 2:
+                    continue
+                if own != injected and own in written:
+                    return (f"this cell writes {own!r}, the notebook's own {name}, while the "
+                            f"grading profile sets {name} = {injected!r}: use {name} instead of "
+                            f"the number so the cell follows the setting")
+        return None
 
     def _log_tail(self) -> str:
-        try:
-            data = (self.private / KERNEL_LOG).read_bytes()[-2000:]
+        try:  # only the tail: a kernel may have flooded its stderr
+            with open(grader_dir(self.work_dir) / KERNEL_LOG, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 2000))
+                data = handle.read(2000)
         except OSError:
             return "(no kernel log)"
         return data.decode("utf-8", "replace").strip() or "(empty)"
 
     def result(self, executed_path: Path, duration_s: float) -> RunResult:
-        if self.failure is None:
-            missing = [name for name in self.spec.expected_artifacts
-                       if not (self.work_dir / name).exists()]
-            if missing:
-                self.failure = Failure(
-                    self.name, "missing-artifact",
-                    f"{self.name} ran without errors but did not write {', '.join(missing)}.",
-                    None, "")
+        artifacts = {name: found for name in self.spec.expected_artifacts
+                     if (found := self._find_artifact(name)) is not None}
+        missing = [name for name in self.spec.expected_artifacts if name not in artifacts]
+        if self.failure is None and missing:
+            caused = next((e for e in self.errors if e.profile_cause), None)
+            why = (f"after {self._cell_label(caused.cell_index)} failed ({caused.profile_cause})"
+                   if caused else "although no cell raised")
+            self.failure = Failure(self.name, "missing-artifact",
+                                   f"{self.name} did not write {', '.join(missing)} {why}.",
+                                   caused.cell_index if caused else None, "")
         client = self.client
         truncated = client.truncated if client is not None else False
         image_positions = client.image_positions if client is not None else set()
@@ -805,7 +1049,36 @@ class _Run:
             texts += [out.get("text", "") for out in cell.get("outputs", [])
                       if out.get("output_type") == "stream"]
         return RunResult(self.spec.run_id, self.name, executed_path, self.failure, self.state,
-                         "".join(texts), images, duration_s, truncated, self.cell_seconds)
+                         "".join(texts), images, duration_s, truncated, self.cell_seconds,
+                         self.errors, list(self.spec.expected_artifacts), artifacts)
+
+    def _find_artifact(self, name: str) -> str | None:
+        """Where the run wrote ``name``: the name itself, the notebook's own paths for it, or
+        where its ``torch.save`` put a file of one of those names (as the kernel recorded it,
+        latest first); a regular file inside the work dir, never a link."""
+        saved = self.state.get(SAVED_KEY)
+        recorded = [p for p in reversed(saved) if isinstance(p, str)] if isinstance(saved, list) else []
+        aliases = [name, *self.spec.artifact_aliases.get(name, [])]
+        names = {os.path.basename(alias) for alias in aliases}
+        candidates = [*aliases, *(p for p in recorded if os.path.basename(p) in names)]
+        for relative in candidates:
+            if not _is_plain_relative(relative):
+                continue
+            path = self.work_dir / relative
+            if os.path.realpath(path) != str(path):
+                continue  # a link on the way (the file or a folder above it)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    return relative
+            except OSError:
+                continue
+        return None
+
+
+def _is_plain_relative(path: str) -> bool:
+    """A relative path that stays below its folder (no '..', not absolute)."""
+    parts = Path(path).parts
+    return bool(parts) and not Path(path).is_absolute() and ".." not in parts
 
 
 def _cancel_tasks_since(earlier: set[asyncio.Task]) -> None:

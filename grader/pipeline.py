@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 import json
+import posixpath
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,18 +24,22 @@ import torch
 from grader import __version__
 from grader.checkpoints import CheckpointError, load_student_checkpoint, state_dict_of
 from grader.diagnose import diagnose
-from grader.evaluate import (EDGE_RATIO, TrustedData, compare_sparsity, edge_case_state,
-                             finetune_facts, prune_facts, safely, sparsity_facts)
-from grader.execute import RunResult
+from grader.evaluate import (EDGE_RATIO, TrustedData, balanced_prune_state, compare_sparsity,
+                             edge_case_state, finetune_facts, prune_facts, safely,
+                             sparsity_facts)
+from grader.execute import Failure, RunResult, literal_assignments, parse_cell, read_notebook
 from grader.prepare import Submission, prepare
+from grader.runtime import HISTOGRAMS_KEY, MAX_HISTOGRAMS
 from grader.render import render
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
 from grader.schedule import PlannedRun, execute_all
 from grader.score import load_rubric, score
-from reference.bundle import (SPARSE, ensure_bundle, environment, load_checkpoint,
-                              load_manifest, loaders, prune_file)
+from grader.untrusted import UntrustedFileError
+from reference.bundle import (FINETUNE, SPARSE, SPARSE_LAMBDA0, ensure_bundle, environment,
+                              load_checkpoint, load_manifest, loaders, prune_file)
 from reference.data import load_dataset
+from reference.model import scaled_cfg
 from reference.profiles import Profile
 
 WEIGHT_PATH, PRUNE_PATH, FINETUNE_PATH = "model_best.pth", "model_prune.pth", "model_prune_finetune.pth"
@@ -43,110 +49,176 @@ KNOWN_PRINTED = ("Test set: Accuracy", "PRUNE RATIO", "LOADING CHECKPOINT", "lay
 
 
 def profile_parameters(profile: Profile, device: str) -> dict:
+    """What the profile must change, and nothing else: budgets and the device.
+
+    Never a path or a control flag: the same name means different things in different
+    notebooks (``RESUME`` resumes training in sparsity_train and loads the pruned model in
+    train_prune_model), and a notebook's own paths resolve into its work dir by themselves.
+    """
     return {"EPOCHS": profile.epochs, "TRAIN_BATCH_SIZE": profile.train_batch_size,
-            "TEST_BATCH_SIZE": profile.test_batch_size, "LEARNING_RATE": profile.learning_rate,
-            "MOMENTUM": profile.momentum, "WEIGHT_DECAY": profile.weight_decay,
-            "SEED": profile.seed, "DATA_ROOT": "./data", "DEVICE": device,
-            "CUDA": device.startswith("cuda"), "SPARSITY_REGULARIZATION": True, "RESUME": False,
-            "WEIGHT_PATH": WEIGHT_PATH, "PRUNE_PATH": PRUNE_PATH,
-            "PRUNE_FINETUNE_PATH": FINETUNE_PATH}
+            "TEST_BATCH_SIZE": profile.test_batch_size, "DEVICE": device,
+            "CUDA": device.startswith("cuda")}
 
 
 def student_lambda(notebook: Path | None) -> float | None:
     """The last literal ``LAMBDA = <number>`` of the handed-in notebook, read without running it."""
     if notebook is None:
         return None
-    value = None
-    for cell in read_notebook(notebook).cells:
-        if cell.cell_type != "code":
-            continue
-        code = "\n".join(line for line in cell.source.splitlines()
-                         if not line.lstrip().startswith(("%", "!")))
-        try:
-            tree = ast.parse(code)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "LAMBDA"
+    try:
+        values = literal_assignments(read_notebook(notebook).cells).get("LAMBDA", [])
+    except Exception:  # an unreadable notebook: its runs say why
+        return None
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(numbers[-1]) if numbers else None
+
+
+# The course's names of the checkpoint each notebook reads and writes (LAB.md section 1).
+READS = {"vggprune": "WEIGHT_PATH", "train_prune_model": "PRUNE_PATH"}
+WRITES = {"sparsity_train": "WEIGHT_PATH", "vggprune": "PRUNE_PATH",
+          "train_prune_model": "PRUNE_FINETUNE_PATH"}
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt")
+
+
+@dataclass(frozen=True)
+class OwnPaths:
+    """Where a notebook's own (never injected) paths put its checkpoints, relative to its work
+    dir: an absolute path lands on its basename there (grader.runtime.drive_path)."""
+
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+
+def own_paths(notebook: Path | None, key: str) -> OwnPaths:
+    """The checkpoint paths a notebook names: those it assigns to the course's variable for
+    its input or passes to ``torch.load`` (reads), and every other one (writes)."""
+    if notebook is None:
+        return OwnPaths()
+    try:
+        cells = read_notebook(notebook).cells
+    except Exception:
+        return OwnPaths()
+    reads: list[str] = []
+    everything: list[str] = []
+    for cell in cells:
+        tree = parse_cell(cell.source) if cell.cell_type == "code" else None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == READS.get(key)
                                                     for t in node.targets):
-                try:
-                    value = float(ast.literal_eval(node.value))
-                except (ValueError, TypeError, SyntaxError):
-                    value = None
-    return value
+                reads += _checkpoint_strings(node.value)
+            elif isinstance(node, ast.Call) and _called(node) == "load":
+                reads += [s for arg in node.args[:1] for s in _checkpoint_strings(arg)]
+            elif isinstance(node, ast.Constant):
+                everything += _checkpoint_strings(node)
+    read_places = _places(reads)
+    return OwnPaths(read_places, tuple(p for p in _places(everything) if p not in read_places))
 
 
-def read_notebook(path: Path) -> nbformat.NotebookNode:
-    return nbformat.read(path, as_version=4)
+def _called(call: ast.Call) -> str | None:
+    function = call.func
+    return function.attr if isinstance(function, ast.Attribute) else \
+        function.id if isinstance(function, ast.Name) else None
 
 
-def plan_runs(profile: Profile, bundle: Path, device: str, edge_input: Callable[[], Path],
-              own_lambda: float | None) -> list[PlannedRun]:
+def _checkpoint_strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str) and n.value.endswith(CHECKPOINT_SUFFIXES)
+            and len(n.value) < 500]
+
+
+def _places(paths: list[str]) -> tuple[str, ...]:
+    """Each path's basename, and a plain relative path itself; in order, without repeats."""
+    places: list[str] = []
+    for path in paths:
+        normal = posixpath.normpath(path.replace("\\", "/"))
+        candidates = [posixpath.basename(normal)]
+        if not posixpath.isabs(normal) and not normal.startswith(".."):
+            candidates.append(normal)
+        places += [c for c in candidates if c and c not in places and c not in (".", "..")]
+    return tuple(places)
+
+
+def plan_runs(profile: Profile, bundle: Path, device: str, prune_input: Callable[[], Path],
+              edge_input: Callable[[], Path], own_lambda: float | None,
+              paths: dict[str, OwnPaths]) -> list[PlannedRun]:
     base = profile_parameters(profile, device)
     tune = {**base, "EPOCHS": profile.finetune_epochs}
     ratio = profile.finetune_ratio
     train, tune_cost = float(profile.epochs), float(profile.finetune_epochs)  # a pruning: ~1
+    canonical = {"sparsity_train": WEIGHT_PATH, "vggprune": PRUNE_PATH,
+                 "train_prune_model": FINETUNE_PATH}
+
+    def run(run_id: str, notebook: str, parameters: dict, source: object = None,
+            **options: object) -> PlannedRun:
+        """A run whose input (if any) is placed under the name the course uses and wherever
+        the notebook itself reads it, and whose output is looked for where it writes it."""
+        own = paths.get(notebook, OwnPaths())
+        inputs = {}
+        if source is not None:
+            read_name = WEIGHT_PATH if notebook == "vggprune" else PRUNE_PATH
+            inputs = {name: source for name in (read_name, *own.reads)}
+        output = canonical[notebook]
+        return PlannedRun(run_id, notebook, parameters, inputs, expected=(output,),
+                          aliases={output: tuple(p for p in own.writes if p not in inputs)},
+                          **options)
+
     runs = [
-        PlannedRun("sparsity-lambda0", "sparsity_train", {**base, "LAMBDA": 0.0}, expected=(WEIGHT_PATH,),
-                   cost=train),
-        PlannedRun("sparsity", "sparsity_train", {**base, "LAMBDA": profile.sparsity_lambda},
-                   expected=(WEIGHT_PATH,), cost=train),
-        *[PlannedRun(f"prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r},
-                     {WEIGHT_PATH: bundle / SPARSE}, expected=(PRUNE_PATH,))
+        run("sparsity-lambda0", "sparsity_train", {**base, "LAMBDA": 0.0}, cost=train),
+        run("sparsity", "sparsity_train", {**base, "LAMBDA": profile.sparsity_lambda}, cost=train),
+        *[run(f"prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r}, prune_input)
           for r in profile.prune_ratios],
-        PlannedRun("prune-edge", "vggprune", {**base, "PRUNE_PERCENT": EDGE_RATIO},
-                   {WEIGHT_PATH: edge_input}, expected=(PRUNE_PATH,)),
-        PlannedRun("finetune", "train_prune_model", tune, {PRUNE_PATH: bundle / prune_file(ratio)},
-                   expected=(FINETUNE_PATH,), cost=tune_cost),
+        run("prune-edge", "vggprune", {**base, "PRUNE_PERCENT": EDGE_RATIO}, edge_input),
+        run("finetune", "train_prune_model", tune, bundle / prune_file(ratio), cost=tune_cost),
     ]
     # The chained run trains with the student's own LAMBDA (scaled to the profile's length);
     # when that equals the profile's lambda the isolated sparsity run already is that run.
     sparse_run = "sparsity"
     if own_lambda is None or abs(own_lambda * profile.lambda_scale - profile.sparsity_lambda) > 1e-12:
         sparse_run = "chained-sparsity"
-        runs.append(PlannedRun(sparse_run, "sparsity_train", dict(base), scale={"LAMBDA": profile.lambda_scale},
-                               expected=(WEIGHT_PATH,), cost=train))
+        runs.append(run(sparse_run, "sparsity_train", dict(base),
+                        scale={"LAMBDA": profile.lambda_scale}, cost=train))
     for r in profile.prune_ratios:
-        runs.append(PlannedRun(f"chained-prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r},
-                               {WEIGHT_PATH: Path(sparse_run) / WEIGHT_PATH}, after=(sparse_run,),
-                               expected=(PRUNE_PATH,)))
-    runs.append(PlannedRun("chained-finetune", "train_prune_model", tune,
-                           {PRUNE_PATH: Path(f"chained-prune-{ratio}") / PRUNE_PATH},
-                           after=(f"chained-prune-{ratio}",), expected=(FINETUNE_PATH,),
-                           cost=tune_cost))
+        runs.append(run(f"chained-prune-{r}", "vggprune", {**base, "PRUNE_PERCENT": r},
+                        Path(sparse_run) / WEIGHT_PATH, after=(sparse_run,)))
+    runs.append(run("chained-finetune", "train_prune_model", tune,
+                    Path(f"chained-prune-{ratio}") / PRUNE_PATH,
+                    after=(f"chained-prune-{ratio}",), cost=tune_cost))
     return runs
 
 
 def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: TrustedData,
-                 edge_state: dict, own_lambda: float | None) -> dict:
+                 prune_state: dict, edge_state: dict, own_lambda: float | None) -> dict:
     """The facts of every run that ran, keyed the way diagnose and score read them."""
-    bundle, profile, manifest = data.bundle_dir, data.profile, data.manifest
-    sparse_state = load_checkpoint(bundle / SPARSE)["state_dict"]
+    profile, manifest = data.profile, data.manifest
 
-    def ok(run_id: str) -> RunResult | None:
+    def written(run_id: str, name: str) -> Path | None:
+        """Where a run that was not cut short wrote ``name``."""
         result = results.get(run_id)
-        return result if result is not None and not result.failure else None
+        if result is None or not result.usable:
+            return None
+        return work_root / run_id / result.artifacts[name]
 
     def sparsity(run_id: str) -> dict | None:
-        return safely(lambda: sparsity_facts(work_root / run_id / WEIGHT_PATH, data)) if ok(run_id) else None
+        path = written(run_id, WEIGHT_PATH)
+        return safely(lambda: sparsity_facts(path, data)) if path else None
 
     def pruned(run_id: str, original: dict, ratio: float) -> dict | None:
         result = results.get(run_id)
         if result is None:
             return None
+        name = result.artifacts.get(PRUNE_PATH, PRUNE_PATH)
         facts = safely(lambda: prune_facts(work_root / run_id, result.state, result.stdout_text,
-                                           original, ratio, data))
+                                           original, ratio, data, name))
         if result.failure:
             facts["run_failure"] = result.failure.message
         return facts
 
-    def tuned(run_id: str, start: dict | None) -> dict | None:
-        if not ok(run_id):
+    def tuned(run_id: str, start: dict | None, start_state: dict | None) -> dict | None:
+        path = written(run_id, FINETUNE_PATH)
+        if path is None:
             return None
         start = start or {}
         cfg = start.get("cfg_from_shapes") or start.get("cfg")
-        return safely(lambda: finetune_facts(work_root / run_id / FINETUNE_PATH, cfg,
-                                             start.get("accuracy"), data))
+        return safely(lambda: finetune_facts(path, cfg, start.get("accuracy"), data, start_state))
 
     evaluation: dict = {"runs": {}, "sparsity": {}, "prune": {}, "chained": {"lambda": own_lambda},
                         "student_lambda": own_lambda}
@@ -159,7 +231,7 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
             lam, lam0 if lam0 and "gamma" in lam0 else None,
             {"gamma": manifest["sparsity"]["lambda"]["gamma"]})
     for ratio in profile.prune_ratios:
-        facts = pruned(f"prune-{ratio}", sparse_state, ratio)
+        facts = pruned(f"prune-{ratio}", prune_state, ratio)
         if facts is not None:
             evaluation["prune"][str(ratio)] = facts
     edge = pruned("prune-edge", edge_state, EDGE_RATIO)
@@ -167,7 +239,8 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
         evaluation["prune"]["edge"] = edge
     reference_prune = manifest["prune"][str(profile.finetune_ratio)]
     reference_start = {"cfg": reference_prune["cfg"], "accuracy": reference_prune["accuracy_pruned"]}
-    finetune = tuned("finetune", reference_start)
+    finetune = tuned("finetune", reference_start,
+                     data.references.get(prune_file(profile.finetune_ratio)))
     if finetune is not None:
         evaluation["finetune"] = finetune
 
@@ -175,13 +248,15 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
     own_sparse = "chained-sparsity" if "chained-sparsity" in results else "sparsity"
     chained["sparsity"] = sparsity(own_sparse) if own_sparse != "sparsity" else lam
     chained["prune"] = {}
-    if ok(own_sparse):
-        own_state = _own_state(work_root / own_sparse / WEIGHT_PATH)
-        for ratio in profile.prune_ratios:
-            facts = pruned(f"chained-prune-{ratio}", own_state, ratio) if own_state else None
-            if facts is not None:
-                chained["prune"][str(ratio)] = facts
-    chained_finetune = tuned("chained-finetune", chained["prune"].get(str(profile.finetune_ratio)))
+    own_checkpoint = written(own_sparse, WEIGHT_PATH)
+    own_state = _own_state(own_checkpoint) if own_checkpoint else None
+    for ratio in profile.prune_ratios:
+        facts = pruned(f"chained-prune-{ratio}", own_state, ratio) if own_state else None
+        if facts is not None:
+            chained["prune"][str(ratio)] = facts
+    own_pruned = written(f"chained-prune-{profile.finetune_ratio}", PRUNE_PATH)
+    chained_finetune = tuned("chained-finetune", chained["prune"].get(str(profile.finetune_ratio)),
+                             _own_state(own_pruned) if own_pruned else None)
     if chained_finetune is not None:
         chained["finetune"] = chained_finetune
     evaluation["reference"] = reference_summary(manifest, profile)
@@ -200,16 +275,26 @@ def _run_summary(result: RunResult | None) -> dict:
     if result is None:
         return {"skipped": True, "failure": None}
     return {"notebook": result.notebook, "duration_s": round(result.duration_s, 2),
-            "failure": _failure_dict(result), "images": result.images,
+            "failure": _failure_dict(result), "usable": result.usable,
+            "missing": result.missing, "images": result.images,
+            "histograms": _histograms(result.state.get(HISTOGRAMS_KEY)),
             "output_truncated": result.output_truncated}
 
 
+def _histograms(raw: object) -> list[dict]:
+    """What the kernel says its hist() calls plotted, kept only where it is plain numbers."""
+    kept = []
+    for entry in raw[:MAX_HISTOGRAMS] if isinstance(raw, list) else []:
+        values = entry.get("values") if isinstance(entry, dict) else None
+        quantiles = entry.get("quantiles") if isinstance(entry, dict) else None
+        if type(values) is int and isinstance(quantiles, list) and len(quantiles) == 4 \
+                and all(type(q) in (int, float) for q in quantiles):
+            kept.append({"values": values, "quantiles": [float(q) for q in quantiles]})
+    return kept
+
+
 def _failure_dict(result: RunResult) -> dict | None:
-    f = result.failure
-    if f is None:
-        return None
-    return {"notebook": f.notebook, "run": result.run_id, "kind": f.kind, "message": f.message,
-            "cell_index": f.cell_index, "error_tail": f.error_tail}
+    return _failure_fields(result.run_id, result.failure) if result.failure else None
 
 
 def reference_summary(manifest: dict, profile: Profile) -> dict:
@@ -222,7 +307,87 @@ def reference_summary(manifest: dict, profile: Profile) -> dict:
                   for ratio, e in manifest["prune"].items()},
         "finetune_accuracy": manifest["finetune"]["best_prec1"],
         "accuracy_band_pct": profile.accuracy_band_pct,
+        "bn_channels": sum(int(v) for v in scaled_cfg(profile.width_divisor) if v != "M"),
     }
+
+
+# Runs whose failures are findings about the profile's inputs, not the student's own run:
+# the edge probe meets a situation a full-scale model never shows it, and the chained runs
+# start from the student's own short-profile checkpoints.
+PROBE_RUNS = ("prune-edge",)
+
+
+def split_failures(results: dict[str, RunResult | None]) -> tuple[list[dict], list[dict]]:
+    """The failures a student's own full-scale run would have had too, and notes on the rest:
+    cells that failed only on a number the profile changed, or only in a probe or chained run."""
+    failures: dict[tuple, dict] = {}
+    notes: dict[tuple, dict] = {}
+    failed_alone = {r.notebook for run_id, r in results.items() if r and r.failure
+                    and not run_id.startswith("chained-") and run_id not in PROBE_RUNS}
+    for run_id, result in results.items():
+        if result is None:
+            continue
+        for error in result.errors:
+            if error.profile_cause:
+                notes.setdefault((error.notebook, error.cell_index), {
+                    **_failure_fields(run_id, error), "cause": "profile",
+                    "explanation": f"{error.profile_cause}. The checkpoints the notebook wrote are "
+                                   "graded as usual; this costs nothing."})
+        f = result.failure
+        if f is None:
+            continue
+        entry = _failure_fields(run_id, f)
+        if run_id in PROBE_RUNS or (run_id.startswith("chained-") and result.notebook not in failed_alone):
+            why = ("a probe input the grader built on purpose" if run_id in PROBE_RUNS else
+                   "your own checkpoint as this short grading profile trained it; the same "
+                   "notebook ran through on the reference input")
+            notes.setdefault((f.notebook, f.kind, f.message),
+                             {**entry, "cause": "probe" if run_id in PROBE_RUNS else "chained",
+                              "explanation": f"This happened only on {why}."})
+        else:
+            failures.setdefault((f.notebook, f.kind, f.message), entry)
+    return list(failures.values()), list(notes.values())
+
+
+def _failure_fields(run_id: str, f: Failure) -> dict:
+    return {"notebook": f.notebook, "run": run_id, "kind": f.kind, "message": f.message,
+            "cell_index": f.cell_index, "error_tail": f.error_tail}
+
+
+def profile_changes(submission: Submission, plan: list[PlannedRun], profile: Profile,
+                    device: str) -> dict:
+    """What the grading profile changed, beside what each notebook itself sets."""
+    changes = []
+    seen: set[tuple[str, str]] = set()
+    for run in plan:
+        path = submission.notebooks.get(run.notebook)
+        if path is None or run.run_id.startswith("chained-") or run.run_id in PROBE_RUNS:
+            continue
+        try:
+            own = literal_assignments(read_notebook(path).cells)
+        except Exception:
+            own = {}
+        for name, value in run.parameters.items():
+            if (run.notebook, name) in seen or name in ("LAMBDA", "PRUNE_PERCENT"):
+                continue
+            seen.add((run.notebook, name))
+            mine = [v for v in own.get(name, []) if isinstance(v, (int, float, str))]
+            if not mine or all(v == value for v in mine):
+                continue  # the notebook does not set it as a number, or sets what we inject
+            changes.append({"notebook": f"{run.notebook}.ipynb", "name": name,
+                            "notebook_value": mine[-1] if mine else None, "graded_with": value})
+    data = ("scikit-learn's bundled digits, upsampled to 32x32x3, in place of CIFAR-10"
+            if profile.dataset == "digits" else "CIFAR-10 from the data root")
+    width = ("VGG-19" if profile.width_divisor == 1 else
+             f"VGG-19 with every layer's width divided by {profile.width_divisor}")
+    return {"profile": profile.name, "data": data, "model": width, "device": device,
+            "epochs": profile.epochs, "finetune_epochs": profile.finetune_epochs,
+            "changes": changes,
+            "why": ("Accuracies here are not your Colab numbers: the profile trains a smaller "
+                    "network on other data for fewer epochs. Each stage is judged against the "
+                    "reference run of the same profile, and your code's verdict does not "
+                    "depend on the scale." if profile.name != "full" else
+                    "The full profile runs the lab as the course does.")}
 
 
 def handed_in(submission: Submission) -> dict:
@@ -238,6 +403,10 @@ def handed_in(submission: Submission) -> dict:
                 for output in cell.get("outputs", []):
                     text = output.get("text", "") if output.get("output_type") == "stream" else ""
                     printed += [line for line in text.splitlines() if line.startswith(KNOWN_PRINTED)]
+        except UntrustedFileError as error:  # not UTF-8, not JSON, too deep, too large, ...
+            summary[name] = {"found": True, "path": str(path.relative_to(submission.root)),
+                             "unreadable": str(error)}
+            continue
         except (nbformat.reader.NotJSONError, json.JSONDecodeError, UnicodeDecodeError,
                 AttributeError, KeyError, TypeError) as error:
             summary[name] = {"found": True, "path": str(path.relative_to(submission.root)),
@@ -277,21 +446,31 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         manifest = load_manifest(bundle)
         dataset = load_dataset(profile.dataset, data_root)
         train_loader, test_loader = loaders(profile, dataset, torch.device(device), profile.seed)
-        data = TrustedData(profile, manifest, bundle, train_loader, test_loader)
-        edge_state, _ = edge_case_state(load_checkpoint(bundle / SPARSE)["state_dict"])
+        references = {name: load_checkpoint(bundle / name)["state_dict"] for name in
+                      (SPARSE, SPARSE_LAMBDA0, FINETUNE, *map(prune_file, profile.prune_ratios))}
+        data = TrustedData(profile, manifest, bundle, train_loader, test_loader, references)
+        sparse_checkpoint = load_checkpoint(bundle / SPARSE)
+        prune_state = balanced_prune_state(sparse_checkpoint["state_dict"], max(profile.prune_ratios))
+        edge_state, _ = edge_case_state(sparse_checkpoint["state_dict"])
 
-        def edge_input() -> Path:
-            path = work_root / "edge_input.pth"
-            if not path.exists():
-                torch.save({"epoch": 0, "state_dict": edge_state, "best_prec1": 0.0}, path)
+        def probe_input(name: str, checkpoint: dict) -> Callable[[], Path]:
+            def path() -> Path:
+                target = work_root / name
+                if not target.exists():
+                    torch.save(checkpoint, target)
+                return target
             return path
 
+        prune_input = probe_input("prune_input.pth", {**sparse_checkpoint, "state_dict": prune_state})
+        edge_input = probe_input("edge_input.pth",
+                                 {"epoch": 0, "state_dict": edge_state, "best_prec1": 0.0})
         own_lambda = student_lambda(submission.notebooks["sparsity_train"])
-        plan = plan_runs(profile, bundle, device, edge_input, own_lambda)
+        paths = {name: own_paths(path, name) for name, path in submission.notebooks.items()}
+        plan = plan_runs(profile, bundle, device, prune_input, edge_input, own_lambda, paths)
         results = execute_all(plan, submission, work_root, profile, data_root, device, workers,
                               on_progress, RunCache(run_cache) if run_cache else None,
                               threads=threads)
-        evaluation = evaluate_all(results, work_root, data, edge_state, own_lambda)
+        evaluation = evaluate_all(results, work_root, data, prune_state, edge_state, own_lambda)
         evaluation["prepare"] = {"refused_entries": submission.refused_entries,
                                  "missing_notebooks": submission.missing}
         diagnoses = diagnose(evaluation)
@@ -301,8 +480,7 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         for run_id, result in results.items():
             if result is not None and result.executed_notebook.exists():
                 shutil.copyfile(result.executed_notebook, notebooks_dir / f"{run_id}.ipynb")
-        failures = list({(f["notebook"], f["kind"], f["message"]): f for f in
-                         (_failure_dict(r) for r in results.values() if r) if f}.values())
+        failures, notes = split_failures(results)
         failures += [{"notebook": f"{name}.ipynb", "run": None, "kind": "missing-artifact",
                       "message": f"{name}.ipynb was not found in the submission: hand it in.",
                       "cell_index": None, "error_tail": ""} for name in submission.missing]
@@ -316,6 +494,8 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
             "checks": [c.to_dict() for c in checks],
             "diagnoses": [d.to_dict() for d in diagnoses],
             "failures": failures,
+            "profile_notes": notes,
+            "profile_changes": profile_changes(submission, plan, profile, device),
             "metrics": _strip_private({k: v for k, v in evaluation.items() if k != "prepare"}),
             "handed_in": handed_in(submission),
             "environment": {**environment(), "device": device, "sandbox": sandbox_available()},

@@ -105,3 +105,47 @@ def prepare(submission: Path, work_root: Path) -> Submission:
                            + ", ".join(f"{n}.ipynb" for n in NOTEBOOKS) + "): check the folder.")
     name = submission.name.removesuffix(".zip")
     return Submission(name, root, notebooks, refused)
+
+
+def lab_notebooks_in(path: Path) -> set[str]:
+    """Which of the lab's notebooks a folder or a .zip holds (at any depth), read without
+    copying or unpacking anything; an unreadable .zip holds none."""
+    path = Path(path)
+    if path.is_dir():
+        return {name for name, found in find_notebooks(path).items() if found is not None}
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            names = [PurePosixPath(n.replace("\\", "/")) for n in bundle.namelist()]
+    except (OSError, zipfile.BadZipFile):
+        return set()
+    stems = [_key(n.stem) for n in names
+             if n.suffix.lower() == ".ipynb" and not IGNORED_PARTS & set(n.parts)]
+    return {name for name in NOTEBOOKS if any(_key(name) in stem for stem in stems)}
+
+
+def top_level_notebooks(folder: Path) -> list[str]:
+    """The names of the lab's notebooks lying directly in ``folder`` (not in a sub-folder)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file()
+                  and p.suffix.lower() == ".ipynb" and any(_key(n) in _key(p.stem) for n in NOTEBOOKS))
+
+
+def several_submissions(folder: Path) -> list[str]:
+    """The entries of ``folder`` that are each a student's submission, when it holds more
+    than one (a class folder given where one submission is expected); [] otherwise.
+
+    A folder with a lab notebook at its top level is one submission. Otherwise each
+    sub-folder or .zip holding lab notebooks is a candidate, and the folder is several
+    submissions when one of the lab's notebooks is found in two candidates (a hand-in
+    split into sub-folders, one notebook each, stays one submission).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if top_level_notebooks(folder):
+        return []
+    entries = sorted(p for p in folder.iterdir()
+                     if not p.name.startswith(".") and p.name not in IGNORED_PARTS)
+    holding = {p.name: found for p in entries
+               if (p.is_dir() or p.suffix.lower() == ".zip") and (found := lab_notebooks_in(p))}
+    counts = [sum(name in found for found in holding.values()) for name in NOTEBOOKS]
+    return sorted(holding) if max(counts, default=0) > 1 else []

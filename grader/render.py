@@ -26,6 +26,8 @@ import jinja2
 
 from reference import plots
 
+INJECTED_TAG = "slimgrade-injected"  # grader.execute's tag on the cells it adds (not imported: torch)
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 NOT_AVAILABLE = "not available"
@@ -35,7 +37,8 @@ MESSAGE_CHARS = 2000
 EVIDENCE_ITEMS = 30
 EVIDENCE_DETAILS = 20
 DETAIL_CHARS = 600
-ERROR_TAIL_LINES = 25
+ERROR_TAIL_LINES = 80  # what execute keeps is short already; this caps a hostile one
+ERROR_HEAD_LINES = 12
 ERROR_TAIL_CHARS = 6000
 PRINTED_HEAD = 10  # first and last lines of what a notebook printed (the end matters most)
 PRINTED_TAIL = 20
@@ -53,10 +56,53 @@ STAGE_TITLES = {
     "report": "Written report (graded by hand)",
 }
 STATUSES = ("pass", "fail", "error", "skip")
+SEVERITY_LABELS = {"error": "Mistake", "warning": "Worth fixing (costs nothing)",
+                   "info": "Worth knowing (not your fault)"}
 PRUNE_RATIOS = ("0.5", "0.9")
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The frame of a notebook cell in an IPython traceback: "Cell In[16], line 3" (IPython 8+),
+# "Input In [16], in <cell line: 3>()" (8.0-8.3) and "<ipython-input-16-...>" (7).
+CELL_FRAME = re.compile(r"Cell In\s*\[(\d+)\]|Input In\s*\[(\d+)\]|<ipython-input-(\d+)-")
+
+# ---------------------------------------------------------------- plain words for the runs
+
+RUN_WORDS = {
+    "sparsity-lambda0": "sparsity training with LAMBDA = 0 (the baseline)",
+    "sparsity": "sparsity training with the grading's LAMBDA",
+    "prune-edge": "the probe: pruning a checkpoint built with a nearly empty layer",
+    "finetune": "fine-tuning the reference model pruned at 90 %",
+    "chained-sparsity": "your own pipeline: sparsity training with your LAMBDA",
+    "chained-finetune": "your own pipeline: fine-tuning your model pruned at 90 %",
+}
+GLOSSARY = ("How each notebook ran: once on the grader's reference inputs (\"the reference "
+            "checkpoint\"), so an early mistake does not sink the later stages; once more as "
+            "\"your own pipeline\", each notebook reading what your previous one wrote; and "
+            "vggprune once on \"the probe\", a checkpoint built on purpose with a nearly empty layer.")
+
+
+def run_label(run_id: object) -> str:
+    """A run of a grading (``prune-0.9``, ``chained-sparsity``) or an evidence label of the
+    diagnoses (``isolated 0.9``, ``chained 0.5``) in words a student understands."""
+    text = _plain(run_id).strip()
+    if text in RUN_WORDS:
+        return RUN_WORDS[text]
+    evidence = re.fullmatch(r"(isolated|chained) (.+)", text)
+    if evidence:
+        kind, key = evidence.groups()
+        if key == "edge":
+            return RUN_WORDS["prune-edge"]
+        text = f"{'chained-' if kind == 'chained' else ''}prune-{key}"
+    pruning = re.fullmatch(r"(chained-)?prune-([0-9.]+)", text)
+    if pruning:
+        try:
+            percent = f"{100 * float(pruning.group(2)):g} %"
+        except ValueError:
+            return text
+        return (f"your own pipeline: pruning at {percent}" if pruning.group(1)
+                else f"pruning the reference checkpoint at {percent}")
+    return text
 
 
 # ---------------------------------------------------------------- public API
@@ -109,7 +155,7 @@ def gradescope_results(result: dict) -> dict:
     if view_summary["manual_line"]:
         lines.append(view_summary["manual_line"])
     for diagnosis in _diagnoses(result):
-        label = "Worth knowing (not your fault)" if diagnosis["severity"] == "info" else "Mistake"
+        label = SEVERITY_LABELS[diagnosis["severity"]]
         lines += ["", f"{label}: {diagnosis['id']} ({diagnosis['stage']})", f"  {diagnosis['message']}"]
         if diagnosis["hint"]:
             lines.append(f"  Hint: {diagnosis['hint']}")
@@ -257,7 +303,12 @@ def report_view(result: dict, out_dir: Path | None = None) -> dict:
     """Everything the template shows, already made safe to read: plain strings and numbers."""
     result = _dict(result)
     metrics = _dict(result.get("metrics"))
-    checks, diagnoses, failures = _checks(result), _diagnoses(result), _failures(result)
+    checks, diagnoses = _checks(result), _diagnoses(result)
+    failures = _failures(result, out_dir=out_dir)
+    runs_of = _failed_runs(result, failures)
+    for failure in failures:
+        failure["runs"] = [run_label(r) for r in runs_of[(failure["notebook"], failure["kind"],
+                                                          failure["message"])]]
     submission = _text(result.get("submission"), 300) or NOT_AVAILABLE
     return {
         "title": f"slimgrade report: {submission}",
@@ -267,9 +318,13 @@ def report_view(result: dict, out_dir: Path | None = None) -> dict:
         "duration": _seconds(result.get("duration_s")),
         "version": _text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE,
         "summary": _summary(result, checks, diagnoses, failures),
-        "stages": _stages(checks),
-        "errors": [d for d in diagnoses if d["severity"] != "info"],
+        "stages": _stages(checks, failures, _hand(result, checks)),
+        "glossary": GLOSSARY,
+        "errors": [d for d in diagnoses if d["severity"] == "error"],
+        "warnings": [d for d in diagnoses if d["severity"] == "warning"],
         "infos": [d for d in diagnoses if d["severity"] == "info"],
+        "profile_changes": _profile_changes(result),
+        "profile_notes": _failures(result, "profile_notes", out_dir),
         "pruning": _pruning(metrics),
         "sparsity": _sparsity(metrics),
         "accuracy_rows": _accuracy_rows(metrics),
@@ -326,7 +381,7 @@ def _diagnoses(result: dict) -> list[dict]:
         diagnoses.append({
             "id": _text(raw.get("id"), 200) or "(no id)",
             "stage": _text(raw.get("stage"), 100) or "other",
-            "severity": "info" if raw.get("severity") == "info" else "error",
+            "severity": raw.get("severity") if raw.get("severity") in SEVERITY_LABELS else "error",
             "message": _text(raw.get("message")),
             "hint": _text(raw.get("hint")),
             "evidence": evidence,
@@ -335,41 +390,153 @@ def _diagnoses(result: dict) -> list[dict]:
     return diagnoses
 
 
-def _failures(result: dict) -> list[dict]:
+def _profile_changes(result: dict) -> dict:
+    raw = _dict(result.get("profile_changes"))
+    changes = [{"notebook": _text(c.get("notebook"), 300), "name": _text(c.get("name"), 100),
+                "notebook_value": _text(c.get("notebook_value"), 100) or NOT_AVAILABLE,
+                "graded_with": _text(c.get("graded_with"), 100)}
+               for c in map(_dict, _list(raw.get("changes")))]
+    return {"profile": _text(raw.get("profile"), 100) or _text(result.get("profile"), 100),
+            **{key: _text(raw.get(key), 500) for key in ("data", "model", "device", "epochs",
+                                                          "finetune_epochs", "why")},
+            "changes": changes}
+
+
+NOTEBOOK_ORDER = ("sparsity_train", "vggprune", "train_prune_model")
+
+
+def _failures(result: dict, key: str = "failures", out_dir: Path | None = None) -> list[dict]:
+    """The failures (or the profile notes) in the order of their causes: a notebook that was
+    not handed in first, then notebook by notebook in the lab's order, a cell that raised
+    before what it left unwritten. Cells are numbered as Jupyter shows them, from 1."""
     failures = []
-    for raw in _list(result.get("failures")):
+    for order, raw in enumerate(_list(result.get(key))):
         raw = _dict(raw)
         if not raw:
             continue
-        tail, note = _tail(raw.get("error_tail"))
         cell = raw.get("cell_index")
+        position = cell if isinstance(cell, int) and not isinstance(cell, bool) and cell >= 0 else None
+        run_id = _text(raw.get("run"), 100)
+        counts = _execution_counts(out_dir, run_id)
+        tail_text = _plain(raw.get("error_tail") if not isinstance(raw.get("error_tail"), (list, tuple))
+                           else "\n".join(_plain(v) for v in raw.get("error_tail")))
+        shown_in = next((n for n, p in counts.items() if p == position), None)
+        if shown_in is None and position is not None:
+            first = CELL_FRAME.search(tail_text)  # the outermost frame is the failing cell
+            shown_in = int(next(g for g in first.groups() if g)) if first else None
+        if position is not None and shown_in is not None:
+            counts.setdefault(shown_in, position)
+        tail, note = _tail(_name_cells(tail_text, counts))
+        notebook = _text(raw.get("notebook"), 300) or NOT_AVAILABLE
+        kind = _text(raw.get("kind"), 100) or "unknown"
+        stem = notebook.removesuffix(".ipynb")
         failures.append({
-            "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
-            "run": _text(raw.get("run"), 100),
-            "kind": _text(raw.get("kind"), 100) or "unknown",
+            "notebook": notebook,
+            "run": run_id,
+            "run_label": run_label(run_id) if run_id else "",
+            "kind": kind,
             "message": _text(raw.get("message")),
-            "cell": str(cell) if isinstance(cell, int) and not isinstance(cell, bool) else "",
+            "cell": str(position + 1) if position is not None else "",
+            "shown_in": str(shown_in) if shown_in is not None and position is not None else "",
             "tail": tail,
             "tail_note": note,
+            "explanation": _text(raw.get("explanation")),
+            "_order": (0 if not run_id and kind == "missing-artifact" else 1,
+                       NOTEBOOK_ORDER.index(stem) if stem in NOTEBOOK_ORDER else len(NOTEBOOK_ORDER),
+                       1 if kind == "missing-artifact" else 0, order),
         })
+    failures.sort(key=lambda f: f["_order"])
+    for failure in failures:
+        del failure["_order"]
     return failures
 
 
+def _execution_counts(out_dir: Path | None, run_id: str) -> dict[int, int]:
+    """{In [n]: position of the student's cell} in the executed copy of a run, whose cells
+    the grader injected are tagged and left out of the count; {} when it is not there."""
+    if out_dir is None or not run_id or not SAFE_RUN_ID.fullmatch(run_id):
+        return {}
+    path = Path(out_dir) / "notebooks" / f"{run_id}.ipynb"
+    if not path.is_file():
+        return {}
+    try:
+        from grader.untrusted import read_notebook
+
+        cells = read_notebook(path).cells
+    except Exception:  # noqa: BLE001 - numbers are a help, never worth a failed report
+        return {}
+    counts, position = {}, 0
+    for cell in cells:
+        tags = _list(_dict(cell.get("metadata")).get("tags"))
+        if INJECTED_TAG in tags:
+            continue
+        number = cell.get("execution_count")
+        if isinstance(number, int) and not isinstance(number, bool):
+            counts[number] = position
+        position += 1
+    return counts
+
+
+def _name_cells(text: str, counts: dict[int, int]) -> str:
+    """Each "Cell In[16]" of a traceback followed by the cell it is, as the student counts."""
+    def name(match: re.Match) -> str:
+        number = int(next(g for g in match.groups() if g))
+        return (f"{match.group(0)} [your cell {counts[number] + 1}]" if number in counts
+                else match.group(0))
+    return CELL_FRAME.sub(name, text) if counts else text
+
+
 def _tail(value: object) -> tuple[str, str]:
-    """The last lines of an error (that is where the cause is), and a note when cut."""
+    """An error as the grader kept it (the student's frames, the library frames nearest the
+    error, the exception), capped: its first lines and its end, a note when cut."""
     if isinstance(value, (list, tuple)):
         value = "\n".join(_plain(v) for v in value)
     text = _plain(value).rstrip()
     lines = text.splitlines()
     notes = []
     if len(lines) > ERROR_TAIL_LINES:
-        notes.append(f"{len(lines) - ERROR_TAIL_LINES} earlier lines left out")
-        lines = lines[-ERROR_TAIL_LINES:]
+        left_out = len(lines) - ERROR_TAIL_LINES
+        notes.append(f"{left_out} lines in the middle left out")
+        lines = (lines[:ERROR_HEAD_LINES] + [f"[... {left_out} lines left out ...]"]
+                 + lines[-(ERROR_TAIL_LINES - ERROR_HEAD_LINES):])
     text = "\n".join(lines)
     if len(text) > ERROR_TAIL_CHARS:
         notes.append(f"{len(text) - ERROR_TAIL_CHARS} earlier characters left out")
         text = text[-ERROR_TAIL_CHARS:]
     return text, "; ".join(notes)
+
+
+def _failed_runs(result: dict, failures: list[dict]) -> dict[tuple, list[str]]:
+    """{(notebook, kind, message) of a counted failure: the runs it happened in}. A failure
+    is listed once however many runs met it; the runs are counted here, from metrics.runs."""
+    counted = {(f["notebook"], f["kind"], f["message"]): [] for f in failures}
+    for run_id, raw in _dict(_dict(result.get("metrics")).get("runs")).items():
+        failure = _dict(_dict(raw).get("failure"))
+        key = (_text(failure.get("notebook"), 300) or NOT_AVAILABLE,
+               _text(failure.get("kind"), 100) or "unknown", _text(failure.get("message")))
+        if failure and key in counted:
+            counted[key].append(_text(run_id, 100))
+    for f in failures:  # a failure without metrics still names its own run
+        key = (f["notebook"], f["kind"], f["message"])
+        if not counted[key] and f["run"]:
+            counted[key].append(f["run"])
+    return counted
+
+
+def _hand(result: dict, checks: list[dict]) -> dict:
+    """The hand grades merged in by ``slimgrade batch`` (hand-grades.csv), checked against
+    the report items' maxima: {"points": {id: float}, "total", "max", "comment"}."""
+    raw = _dict(result.get("hand_grades"))
+    maxima = {c["id"]: c["max_points"] for c in checks if c["status"] == "skip"}
+    points = {}
+    for item, value in _dict(raw.get("points")).items():
+        number, item = _number(value), _text(item, 200)
+        if item in maxima and number is not None and 0 <= number <= (maxima[item] or 0.0):
+            points[item] = number
+    return {"points": points, "total": sum(points.values()) if points else None,
+            "max": sum(m or 0.0 for m in maxima.values()) or None,
+            "complete": bool(maxima) and set(points) == set(maxima),
+            "comment": _text(raw.get("comment"), MESSAGE_CHARS)}
 
 
 def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: list[dict]) -> dict:
@@ -379,7 +546,18 @@ def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: 
     if manual is None:
         manual = sum(c["max_points"] or 0.0 for c in checks if c["status"] == "skip") or None
     automatic = counts["pass"] + counts["fail"] + counts["error"]
-    mistakes = [d["id"] for d in diagnoses if d["severity"] != "info"]
+    mistakes = [d["id"] for d in diagnoses if d["severity"] == "error"]
+    runs = _failed_runs(result, failures)
+    failed_runs = sum(len(r) for r in runs.values())
+    missing = sum(1 for f in failures if not f["run"] and f["kind"] == "missing-artifact")
+    other = sum(1 for f in failures if not f["run"] and f["kind"] != "missing-artifact")
+    trouble = []
+    if missing:
+        trouble.append(f"{missing} notebook(s) not handed in")
+    if failed_runs:
+        trouble.append(f"{failed_runs} run(s) failed")
+    if other:
+        trouble.append(f"{other} failure(s) of the whole grading")
     if not checks:
         verdict = ("No check could be run; see the failures below." if failures
                    else "No grading result is available.")
@@ -391,34 +569,61 @@ def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: 
         parts = [f"{counts['pass']} of {automatic} automatic checks pass"]
         if mistakes:
             parts.append(f"mistakes found: {', '.join(mistakes)}")
-        if failures:
-            parts.append(f"{len(failures)} run(s) failed")
+        parts += trouble
         verdict = "; ".join(parts) + "."
-    level = ("good" if score is not None and max_score and score >= max_score
+    level = ("good" if score is not None and max_score and score >= max_score and not failures
              else "bad" if not checks or (automatic and counts["error"] == automatic) else "mixed")
     score_line = (f"Automatic score: {_points(score)} / {_points(max_score)}"
                   if score is not None or max_score is not None else "Automatic score: not available")
-    manual_line = (f"Up to {_points(manual)} more points are graded by hand from your written "
-                   f"report (pending)." if manual else "")
+    hand = _hand(result, checks)
+    if hand["total"] is not None:
+        manual_line = (f"Graded by hand from your written report: {_points(hand['total'])} / "
+                       f"{_points(manual)}{'' if hand['complete'] else ' (some items still pending)'}.")
+    else:
+        manual_line = (f"Up to {_points(manual)} more points are graded by hand from your written "
+                       f"report (pending)." if manual else "")
+    final = (f"Total: {_points(score + hand['total'])} / {_points(max_score + manual)}"
+             if hand["total"] is not None and score is not None and max_score is not None and manual
+             else "")
+    first = failures[0] if failures else None
     return {"score": _points(score), "max_score": _points(max_score), "counts": counts,
             "verdict": verdict, "level": level, "manual": _points(manual) if manual else "",
-            "score_line": score_line, "manual_line": manual_line,
+            "score_line": score_line, "manual_line": manual_line, "final_line": final,
+            "hand_comment": hand["comment"],
+            "failed_runs": failed_runs, "missing_notebooks": missing,
+            "first_failure": (f"{first['message']}" if first else ""),
             "percent": (100.0 * score / max_score) if score is not None and max_score else None}
 
 
-def _stages(checks: list[dict]) -> list[dict]:
+def _stages(checks: list[dict], failures: list[dict] | None = None, hand: dict | None = None) -> list[dict]:
+    """The checks stage by stage; above each, what stopped its notebook first (a notebook not
+    handed in, the first failure of its runs): the cause comes before its consequences."""
     order = list(STAGES) + sorted({c["stage"] for c in checks} - set(STAGES))
+    hand_points = (hand or {}).get("points") or {}
     stages = []
     for stage in order:
-        rows = [c for c in checks if c["stage"] == stage]
+        rows = [dict(c) for c in checks if c["stage"] == stage]
         if not rows:
             continue
+        for row in rows:
+            if row["status"] == "skip" and row["id"] in hand_points:
+                row["hand_points"] = hand_points[row["id"]]
         automatic = [c for c in rows if c["status"] != "skip"]
+        causes = [f for f in failures or [] if f["notebook"] == f"{stage}.ipynb"
+                  or (stage == "chained" and f["run"].startswith("chained-"))]
+        cause = ""
+        if causes and any(c["status"] in ("error", "fail") for c in automatic):
+            first = causes[0]
+            where = f" (cell {first['cell']})" if first["cell"] else ""
+            cause = (f"First: {first['message']} The checks below that could not be graded "
+                     f"follow from it{where and ''}.")
         stages.append({
             "id": stage, "title": STAGE_TITLES.get(stage, stage), "checks": rows,
             "points": _points(sum(c["points"] or 0.0 for c in automatic)),
             "max_points": _points(sum(c["max_points"] or 0.0 for c in automatic)),
-            "manual": not automatic,
+            "manual": not automatic, "cause": cause,
+            "hand_points": _points(sum(hand_points.get(c["id"], 0.0) for c in rows))
+            if any(c["id"] in hand_points for c in rows) else "",
         })
     return stages
 

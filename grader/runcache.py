@@ -21,9 +21,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from grader import __version__
-from grader.execute import Failure, RunResult, RunSpec
+from grader.checkpoints import CHECKPOINT_LIMITS
+from grader.execute import Failure, RunResult, RunSpec, grader_dir
+from grader.untrusted import UntrustedFileError, copy_file, regular_file_problem
 
 RESULT_FILE = "run.json"
+EXECUTED_FILE = "executed.ipynb"  # the executed notebook, which lives outside the work dir
+# A file a run left in its work dir is cached only up to the size of a checkpoint the
+# grader would load at all.
+MAX_CACHED_FILE_BYTES = CHECKPOINT_LIMITS.max_file_bytes
 # Failures that depend on how busy the machine was, not only on the run's inputs.
 LOAD_DEPENDENT = {"timeout", "out-of-memory", "kernel-died"}
 
@@ -74,28 +80,65 @@ class RunCache:
         if not record_path.is_file():
             return None
         record = json.loads(record_path.read_text())
-        for item in (entry / "files").iterdir():
-            shutil.copyfile(item, spec.work_dir / item.name)
-        failure = Failure(**record["failure"]) if record["failure"] else None
-        return RunResult(spec.run_id, record["notebook"], spec.work_dir / record["executed_name"],
-                         failure, record["state"], record["stdout_text"], record["images"],
-                         record["duration_s"], record["output_truncated"], record["cell_seconds"])
+        files = entry / "files"
+        # The entry is the grader's own; the work dir holds only the inputs placed so far, and
+        # copy_file still never writes through a link found there.
+        for root, _, names in os.walk(files):
+            for name in names:
+                relative = Path(root, name).relative_to(files)
+                (spec.work_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                copy_file(files / relative, spec.work_dir / relative, MAX_CACHED_FILE_BYTES, files)
+        executed = grader_dir(spec.work_dir) / record["executed_name"]
+        if (entry / EXECUTED_FILE).is_file():
+            shutil.copyfile(entry / EXECUTED_FILE, executed)
+        known = {f.name for f in dataclasses.fields(RunResult)} - {"run_id", "executed_notebook"}
+        values = {k: v for k, v in record.items() if k in known}
+        values["failure"] = Failure(**record["failure"]) if record["failure"] else None
+        if "errors" in values:
+            values["errors"] = [Failure(**error) for error in values["errors"]]
+        return RunResult(run_id=spec.run_id, executed_notebook=executed, **values)
 
     def store(self, key: str, spec: RunSpec, result: RunResult) -> None:
         entry = self.root / key
         if entry.exists() or (result.failure and result.failure.kind in LOAD_DEPENDENT):
             return
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
-        files = staging / "files"
-        files.mkdir()
-        for item in spec.work_dir.iterdir():
-            if item.is_file() and not item.is_symlink():
-                shutil.copyfile(item, files / item.name)
-        record = {k: v for k, v in dataclasses.asdict(result).items()
-                  if k not in ("run_id", "executed_notebook")}
-        record["executed_name"] = result.executed_notebook.name
-        (staging / RESULT_FILE).write_text(json.dumps(record, default=str))
+        try:
+            cacheable = self._stage(spec, result, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not cacheable:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         try:
             os.rename(staging, entry)
         except OSError:  # another grading stored the same run first
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, spec: RunSpec, result: RunResult, staging: Path) -> bool:
+        """Copy what the run left into ``staging``; False when it is not worth caching.
+
+        The work dir is the kernel's: its top-level files and the artifacts it wrote are
+        copied only as regular files of bounded size, read without following any link. A
+        run that left a link, FIFO, device or oversized file under a name the grader may
+        read is not cached: reusing it without that file would grade it differently.
+        """
+        files = staging / "files"
+        files.mkdir()
+        work_dir = spec.work_dir
+        names = [item.name for item in work_dir.iterdir() if regular_file_problem(item) != "a folder"]
+        artifacts = getattr(result, "artifacts", {}) or {}
+        for relative in sorted(set(names) | set(artifacts.values())):
+            (files / relative).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                copy_file(work_dir / relative, files / relative, MAX_CACHED_FILE_BYTES, work_dir)
+            except UntrustedFileError:
+                return False
+        if result.executed_notebook.is_file():
+            shutil.copyfile(result.executed_notebook, staging / EXECUTED_FILE)
+        record = {k: v for k, v in dataclasses.asdict(result).items()
+                  if k not in ("run_id", "executed_notebook")}
+        record["executed_name"] = result.executed_notebook.name
+        (staging / RESULT_FILE).write_text(json.dumps(record, default=str))
+        return True

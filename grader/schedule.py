@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-from grader.execute import RunResult, RunSpec, run_notebook
+from grader.checkpoints import CHECKPOINT_LIMITS
+from grader.execute import Failure, RunResult, RunSpec, executed_notebook_path, run_notebook
 from grader.prepare import Submission
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
+from grader.untrusted import UntrustedFileError, copy_file
 from reference.profiles import Profile
 
 Execute = Callable[..., "RunResult | None"]  # (spec, admit=None), as grader.execute.run_notebook
@@ -51,6 +52,9 @@ class PlannedRun:
     after: tuple[str, ...] = ()
     scale: dict[str, float] = field(default_factory=dict)
     expected: tuple[str, ...] = ()
+    # Other places (relative to the work dir) where the notebook's own paths put an expected
+    # artifact, e.g. {"model_best.pth": ("ckpt/model_best.pth.tar",)}.
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cost: float = 1.0  # relative duration (epochs), to run long chains first
 
 
@@ -176,7 +180,7 @@ class _Schedule:
             if dependency not in self.results:
                 return False
             result = self.results[dependency]
-            if result is None or result.failure:
+            if result is None or not result.usable:
                 return None
         return True
 
@@ -239,22 +243,51 @@ class _Schedule:
             run_id=run.run_id, notebook=self.submission.notebooks[run.notebook], work_dir=work_dir,
             parameters=run.parameters, scale=run.scale, profile=self.profile,
             data_root=self.data_root, device=self.device, threads=self.threads,
-            expected_artifacts=list(run.expected), visible_gpu=gpu)
+            expected_artifacts=list(run.expected),
+            artifact_aliases={k: list(v) for k, v in run.aliases.items()}, visible_gpu=gpu)
+
+        refused: list[str] = []
 
         def admit() -> bool:
             if not gate.wait():
                 return False
             for name, source in run.inputs.items():
                 source = source() if callable(source) else source
-                source = source if source.is_absolute() else self.work_root / source
-                shutil.copyfile(source, work_dir / name)
+                # Another run's output comes from a hostile work dir: no link, FIFO, folder or
+                # oversized file is followed or copied, at that name or on the way to it.
+                producer = None if source.is_absolute() else self.work_root / source.parts[0]
+                (work_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    copy_file(self._source(source), work_dir / name,
+                              CHECKPOINT_LIMITS.max_file_bytes, producer)
+                except UntrustedFileError as error:
+                    refused.append(str(error))
+                    return False
             return True
 
         if self.cache is None:
-            return self.execute(spec, admit)
-        if not admit():
-            return None
-        return self.cache.run(spec, sandbox_available(), self.execute)
+            result = self.execute(spec, admit)
+        elif admit():
+            result = self.cache.run(spec, sandbox_available(), self.execute)
+        else:
+            result = None
+        if result is None and refused:
+            notebook = spec.notebook.name
+            failure = Failure(notebook, "missing-artifact",
+                              f"{notebook} was not run, since its input could not be used: "
+                              f"{refused[0]}", None, "")
+            return RunResult(run.run_id, notebook, executed_notebook_path(work_dir, notebook),
+                             failure, {}, "", [], 0.0, False, [], expected=list(run.expected))
+        return result
+
+    def _source(self, source: Path) -> Path:
+        """An absolute input file; ``<run id>/<name>`` is where that run wrote ``name``."""
+        if source.is_absolute():
+            return source
+        run_id, name = source.parts[0], "/".join(source.parts[1:])
+        produced = self.results.get(run_id)
+        found = produced.artifacts.get(name) if produced is not None else None
+        return self.work_root / run_id / (found or name)
 
     def _finish(self, run_id: str, outcome: RunResult | BaseException | None) -> None:
         if isinstance(outcome, BaseException):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from grader.evaluate import EDGE_RATIO
 from grader.diagnose import (Diagnosis, copy_exact, copy_issues, has_single_channel_layer,
                              looks_like_train_mode)
 
@@ -41,7 +42,7 @@ def load_rubric(path: str | Path | None = None) -> dict:
     return json.loads(Path(path).read_text())
 
 
-Outcome = tuple[float, str]  # fraction earned (0..1), message
+Outcome = tuple[float | None, str]  # fraction earned (0..1; None: left to the TA), message
 CheckFunction = Callable[[dict, list[Diagnosis], dict], Outcome]
 CHECKS: dict[str, tuple[tuple[str, ...], CheckFunction]] = {}
 
@@ -62,15 +63,17 @@ def score(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> tuple[l
                                 "Graded by hand from the report."))
             continue
         runs, function = CHECKS[item["id"]]
-        failed = [evaluation["runs"][r]["failure"] for r in runs
-                  if r in evaluation["runs"] and evaluation["runs"][r].get("failure")]
-        usable = [r for r in runs if r in evaluation["runs"] and not evaluation["runs"][r].get("failure")]
-        if runs and not usable:
-            reason = failed[0]["message"] if failed else "the notebook for this stage was not found"
+        ran = [evaluation["runs"][r] for r in runs if r in evaluation["runs"]]
+        # A check is not graded only when what it reads was not produced; a cell that raised
+        # elsewhere in the notebook costs nothing here (every cell runs).
+        if runs and not any(run.get("usable") for run in ran):
             checks.append(Check(item["id"], item["stage"], title, "error", 0.0, points,
-                                f"Not graded: {reason}"))
+                                f"Not graded: {_why_not_produced(ran)}"))
             continue
         fraction, message = function(evaluation, diagnoses, rubric)
+        if fraction is None:  # the evidence is for a person to judge: left to the TA
+            checks.append(Check(item["id"], item["stage"], title, "skip", 0.0, points, message))
+            continue
         status = "pass" if fraction >= 1.0 else "fail"
         checks.append(Check(item["id"], item["stage"], title, status, round(points * fraction, 2),
                             points, message))
@@ -78,19 +81,29 @@ def score(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> tuple[l
     return checks, round(sum(c.points for c in automatic), 2), sum(c.max_points for c in automatic)
 
 
+def _why_not_produced(ran: list[dict]) -> str:
+    for run in ran:
+        failure, missing = run.get("failure"), run.get("missing")
+        if failure:
+            return failure["message"] if not missing or failure["kind"] == "missing-artifact" \
+                else f"{', '.join(missing)} was not written: {failure['message']}"
+    return "the notebook for this stage was not found"
+
+
 def _ids(diagnoses: list[Diagnosis]) -> set[str]:
     return {d.id for d in diagnoses if d.severity == "error"}
 
 
-def _isolated_prune(evaluation: dict) -> list[tuple[str, dict]]:
-    return [(key, facts) for key, facts in evaluation.get("prune", {}).items() if facts]
+def _isolated_prune(evaluation: dict, probes: bool = True) -> list[tuple[str, dict]]:
+    return [(key, facts) for key, facts in evaluation.get("prune", {}).items()
+            if facts and (probes or key != "edge")]
 
 
 def _share(evaluation: dict, ok: Callable[[dict], bool], what: str,
-           also: Callable[[dict], bool] = lambda facts: False) -> Outcome:
+           also: Callable[[dict], bool] = lambda facts: False, probes: bool = True) -> Outcome:
     """Share of isolated pruning runs where ``ok``; runs without a comparable thin model
     count only when ``also`` says they bear on this blank."""
-    judged = [(key, ok(facts)) for key, facts in _isolated_prune(evaluation)
+    judged = [(key, ok(facts)) for key, facts in _isolated_prune(evaluation, probes)
               if "copy_differences" in facts or "thin_error" in facts or also(facts)]
     if not judged:
         return 0.0, f"No pruned model could be compared ({what})."
@@ -118,6 +131,8 @@ def update_bn(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Out
     found = sorted(UPDATEBN_FAMILY & _ids(diagnoses))
     if found:
         return 0.0, f"updateBN is wrong: {', '.join(found)}."
+    if any(evaluation.get("sparsity", {}).get(k, {}).get("copied_from") for k in ("lambda", "lambda0")):
+        return 0.0, "The sparse checkpoint was not trained by the notebook (checkpoint-not-trained)."
     c = evaluation.get("sparsity", {}).get("comparison")
     if not c or "baseline_small_fraction" not in c:
         return 0.0, "The sparse checkpoints could not be compared: " + \
@@ -128,12 +143,22 @@ def update_bn(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Out
                  f"{c['reference_small_fraction']:.0%}, lambda 0: {c['baseline_small_fraction']:.0%}).")
 
 
-@check("gamma-plot", ("sparsity",))
+GAMMA_PLOT_RUNS = ("sparsity", "prune-0.5", "prune-0.9")
+
+
+@check("gamma-plot", GAMMA_PLOT_RUNS)
 def gamma_plot(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    images = evaluation["runs"]["sparsity"].get("images", [])
-    if images:
-        return 1.0, f"sparsity_train.ipynb draws {len(images)} figure(s)."
-    return 0.0, "sparsity_train.ipynb draws no figure: plot the histogram of |gamma|."
+    """Automatic only when a histogram holds one value per BN channel of the network; other
+    figures are left to the TA (a picture alone proves nothing: a 1x1 image is a figure)."""
+    runs = [evaluation["runs"].get(r, {}) for r in GAMMA_PLOT_RUNS]
+    channels = evaluation["reference"]["bn_channels"]
+    if any(h["values"] == channels for run in runs for h in run.get("histograms", [])):
+        return 1.0, f"A histogram of the |gamma| of all {channels} BN channels is drawn."
+    figures = sum(len(run.get("images", [])) for run in runs)
+    if figures:
+        return None, (f"{figures} figure(s) drawn, none of them a histogram of all {channels} "
+                      "|gamma| values: graded by hand from the notebook.")
+    return 0.0, "No figure of the gammas is drawn: plot the histogram of |gamma| of every BN layer."
 
 
 # ---------------------------------------------------------------- vggprune
@@ -150,8 +175,10 @@ def _indices_right(facts: dict) -> bool:
 
 @check("blank-kept-indices", PRUNE_RUNS)
 def kept_indices(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
+    # The edge probe's 1-channel layer never occurs at full scale (a model pruned at 0.9
+    # keeps at least 17 channels a layer): what it finds is the min-channel-rule warning.
     return _share(evaluation, _indices_right, "the indices of kept channels",
-                  also=_crashed_on_one_channel)
+                  also=_crashed_on_one_channel, probes=False)
 
 
 @check("blank-copy-bn-affine", PRUNE_RUNS)
@@ -188,12 +215,19 @@ def prune_done(key: str) -> CheckFunction:
         if problem:
             return 0.0, problem
         built = "accuracy" in facts
-        masks_right = facts.get("mask_correct", False)
-        same_function = copy_exact(facts)
-        parts = [f"thin model cfg {facts.get('cfg')}" if built else "no usable thin model",
-                 "masks equal the reference" if masks_right else
+        masks = ("masks equal the reference" if facts.get("mask_correct") else
                  f"masks differ from the reference in layers {facts.get('mask_layers_wrong')}"
-                 if facts.get("masks_reported") else "cfg_mask was not found in the notebook",
+                 if facts.get("masks_reported") else "cfg_mask was not found in the notebook")
+        masks_right = bool(facts.get("mask_correct"))
+        # The edge probe prunes at 0.5 too, with a large negative gamma planted: its masks
+        # count here, so a signed threshold is judged the same on every machine.
+        edge = evaluation.get("prune", {}).get("edge", {})
+        if key == str(EDGE_RATIO) and edge.get("masks_reported") and not edge.get("mask_correct"):
+            masks_right = False
+            masks += (f"; on the probe input the masks differ in layers "
+                      f"{edge.get('mask_layers_wrong')}")
+        same_function = copy_exact(facts)
+        parts = [f"thin model cfg {facts.get('cfg')}" if built else "no usable thin model", masks,
                  "its logits equal the masked original's" if same_function else
                  "its logits differ from the masked original's"]
         if looks_like_train_mode(facts):
@@ -206,6 +240,18 @@ check("prune-0.5", ("prune-0.5",))(prune_done("0.5"))
 check("prune-0.9", ("prune-0.9",))(prune_done("0.9"))
 
 
+MIN_CHANNEL_WARNINGS = ("min-channel-first-k", "single-channel-index", "layer-zero-channels")
+
+
+@check("min-channel-rule", ("prune-edge",))
+def min_channel_rule(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
+    """The course leaves this TODO ungraded (0 points by default); a rubric may weigh it."""
+    found = sorted({d.id for d in diagnoses if d.id in MIN_CHANNEL_WARNINGS})
+    if found:
+        return 0.0, f"A layer that keeps too few channels is not handled well: {', '.join(found)}."
+    return 1.0, "A layer left with one channel by the threshold is handled."
+
+
 # ---------------------------------------------------------------- train_prune_model and chained
 
 @check("finetune", ("finetune",))
@@ -213,6 +259,8 @@ def finetune(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outc
     facts = evaluation.get("finetune", {})
     if "accuracy" not in facts:
         return 0.0, facts.get("error", "the fine-tuned checkpoint could not be evaluated.")
+    if facts.get("copied_from"):
+        return 0.0, f"The fine-tuned checkpoint equals {facts['copied_from']}: it was not trained."
     reference = evaluation["reference"]["finetune_accuracy"]
     band = evaluation["reference"]["accuracy_band_pct"]
     in_band = facts["accuracy"] >= reference - band
@@ -227,4 +275,6 @@ def chained(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outco
     facts = evaluation.get("chained", {}).get("finetune", {})
     if "accuracy" not in facts:
         return 0.0, facts.get("error", "the chained run produced no fine-tuned model.")
+    if facts.get("copied_from"):
+        return 0.0, f"The student's own fine-tuned checkpoint equals {facts['copied_from']}."
     return 1.0, f"The student's own pipeline ends at {facts['accuracy']:.1f}% after fine-tuning."

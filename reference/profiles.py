@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 # Fields that govern grading only; changing them keeps the cached expected bundle.
 NOT_IN_BUNDLE = {"cell_timeout_s", "run_timeout_s", "memory_limit_mb", "output_limit_bytes",
+                 "file_limit_mb", "disk_limit_mb",
                  "accuracy_band_pct", "gamma_band"}
 
 
@@ -34,8 +35,12 @@ class Profile:
     # Budgets of one notebook run.
     cell_timeout_s: int = 120
     run_timeout_s: int = 300
-    memory_limit_mb: int = 3072
+    memory_limit_mb: int = 3072  # the kernel's processes, its /tmp and /dev/shm together
     output_limit_bytes: int = 2_000_000
+    # No single file a kernel writes may grow past file_limit_mb (RLIMIT_FSIZE), nor its
+    # work dir as a whole past disk_limit_mb: a few checkpoints with their optimiser state.
+    file_limit_mb: int = 512
+    disk_limit_mb: int = 2048
     # Bands for comparing a student's run with the reference run of the same profile.
     accuracy_band_pct: float = 15.0
     gamma_band: tuple[float, float] = (0.5, 2.0)
@@ -60,6 +65,7 @@ QUICK = Profile(
     name="quick", dataset="digits", width_divisor=8, epochs=12, finetune_epochs=6,
     sparsity_lambda=5e-3, lambda_scale=50.0, seed=1, train_batch_size=64,
     cell_timeout_s=150, run_timeout_s=300, memory_limit_mb=3072,
+    file_limit_mb=256, disk_limit_mb=1024,
     accuracy_band_pct=15.0, recalibration_batches=15,
 )
 
@@ -67,6 +73,7 @@ FULL = Profile(
     name="full", dataset="cifar10", width_divisor=1, epochs=60, finetune_epochs=20,
     sparsity_lambda=1e-4, lambda_scale=1.0, seed=1,
     cell_timeout_s=4 * 3600, run_timeout_s=8 * 3600, memory_limit_mb=16384,
+    file_limit_mb=2048, disk_limit_mb=8192,
     accuracy_band_pct=3.0, recalibration_batches=200,
 )
 

@@ -21,6 +21,8 @@ import threading
 import zipfile
 from pathlib import Path
 
+import nbformat
+import psutil
 import pytest
 
 from grader import batch
@@ -419,6 +421,28 @@ def test_sigterm_stops_cleanly_and_keeps_what_is_finished(tmp_path):
     assert "c" in (out / "summary.html").read_text()  # listed as not graded yet
 
 
+def test_a_grading_past_its_deadline_is_a_timeout_and_the_batch_goes_on(tmp_path, fake,
+                                                                         monkeypatch):
+    root = make_class(tmp_path / "class", ["a", "b", "c"])
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLIMGRADE_FAKE_HANG", "b")  # b blocks until it is stopped
+    monkeypatch.setattr(batch, "grading_deadline_s", lambda profile, workers: 3.0)
+    rows = batch.grade_class(root, out, quick_profile(), workers=1)
+    assert [row["student_id"] for row in rows] == ["a", "b", "c"]
+    assert [row["failures"] for row in rows] == ["", "submission:timeout", ""]
+    result = json.loads((out / "b" / "result.json").read_text())
+    assert result["score"] == 0
+    assert "longer than 3 s" in result["failures"][0]["message"]
+    assert partials(out) == []
+
+
+def test_the_deadline_allows_every_run_its_whole_budget():
+    profile = quick_profile()
+    runs = 2 * len(profile.prune_ratios) + 6
+    assert batch.grading_deadline_s(profile, 1) > runs * profile.run_timeout_s
+    assert batch.grading_deadline_s(profile, 2) < batch.grading_deadline_s(profile, 1)
+
+
 # ---------------------------------------------------------------- summary.html
 
 def test_summary_escapes_hostile_ids_and_messages(tmp_path, fake):
@@ -483,3 +507,52 @@ def test_real_batch_on_fixtures(tmp_path, run_cache):
     assert json.loads((out / "forges-result" / "result.json").read_text())["submission"] == "forges-result"
     assert not list(tmp_path.glob("result.json")) and not (root / "result.json").exists()
     assert (out / "summary.html").is_file() and partials(out) == []
+
+
+BLOCKING_CELL = """
+with open({fifo!r}, "w") as handle:  # tells the test the kernel runs this cell
+    handle.write("started")
+import threading
+threading.Event().wait()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_grade_shuts_the_kernels_down_and_removes_the_work_root(tmp_path):
+    shared = tmp_path / "shared"  # the data root, so the sandboxed kernels see the FIFO
+    shared.mkdir(mode=0o755)
+    fifo = shared / "started"
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o666)
+    submission = tmp_path / "lab"
+    submission.mkdir()
+    for name in ("sparsity_train", "vggprune", "train_prune_model"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(BLOCKING_CELL.format(fifo=str(fifo)))]
+        nbformat.write(nb, submission / f"{name}.ipynb")
+    scratch = tmp_path / "tmp"  # the grading's TMPDIR: where its work root goes
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "grader.cli", "grade", str(submission), "--out",
+         str(tmp_path / "out"), "--data-root", str(shared), "--workers", "2"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([reader, process.stdout], [], [], 600)
+        assert reader in ready, f"no kernel reached the blocking cell: {process.communicate()}"
+        assert [p.name for p in scratch.iterdir() if p.name.startswith("slimgrade-")]
+        descendants = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        assert descendants
+        os.kill(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        os.close(reader)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    for pid in descendants:
+        assert exited(pid, timeout=30), f"process {pid} outlived the grading"
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("slimgrade-")] == []

@@ -32,10 +32,12 @@ def prune_facts(**overrides):
 
 
 def evaluation_with(prune):
-    runs = {r: {"failure": None, "images": [3]} for r in
+    runs = {r: {"failure": None, "usable": True, "images": [3], "histograms": []} for r in
             ("sparsity", "sparsity-lambda0", "prune-0.5", "prune-0.9", "prune-edge", "finetune",
              "chained-finetune")}
-    return {"runs": runs, "prune": prune, "sparsity": {}, "chained": {}, "student_lambda": 1e-4}
+    runs["sparsity"]["histograms"] = [{"values": 688, "quantiles": [0.0, 0.01, 0.4, 0.9]}]
+    return {"runs": runs, "prune": prune, "sparsity": {}, "chained": {}, "student_lambda": 1e-4,
+            "reference": {"bn_channels": 688}}
 
 
 def ids(evaluation):
@@ -77,9 +79,32 @@ def test_the_solution_shape_scores_full_marks_on_the_pruning_checks():
 
 def test_a_failed_run_costs_only_its_checks():
     evaluation = evaluation_with({k: prune_facts() for k in ("0.5", "0.9", "edge")})
-    evaluation["runs"]["sparsity"]["failure"] = {"message": "sparsity_train.ipynb: cell 4 ran out of memory.",
+    evaluation["runs"]["finetune"]["failure"] = {"message": "train_prune_model.ipynb: cell 4 ran out of memory.",
                                                  "kind": "out-of-memory"}
+    evaluation["runs"]["finetune"]["usable"] = False
     checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
     by_id = {c.id: c for c in checks}
-    assert by_id["gamma-plot"].status == "error" and "out of memory" in by_id["gamma-plot"].message
+    assert by_id["finetune"].status == "error" and "out of memory" in by_id["finetune"].message
     assert by_id["prune-0.9"].status == "pass"
+
+
+def test_the_gamma_plot_is_automatic_only_for_a_histogram_of_every_channel():
+    def gamma_plot(evaluation):
+        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+        return next(c for c in checks if c.id == "gamma-plot")
+
+    evaluation = evaluation_with({})
+    assert gamma_plot(evaluation).status == "pass"
+    evaluation["runs"]["sparsity"]["histograms"] = [{"values": 1, "quantiles": [0, 0, 0, 0]}]
+    assert gamma_plot(evaluation).status == "skip"  # a figure, but not of the gammas: the TA's
+    for run in evaluation["runs"].values():
+        run["images"] = []
+    assert gamma_plot(evaluation).status == "fail"
+
+
+def test_masks_matching_no_known_mistake_say_what_differs_and_name_no_cause():
+    odd = prune_facts(mask_strategy=None, mask_correct=False, student_kept=[2, 4],
+                      mask_layers_wrong=[0])
+    assert ids(evaluation_with({"0.5": odd})) == {"masks-differ"}
+    inverted = prune_facts(mask_strategy="inverted", mask_correct=False, mask_layers_wrong=[0, 1])
+    assert ids(evaluation_with({"0.5": inverted})) == {"mask-inverted"}

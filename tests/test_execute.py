@@ -6,6 +6,7 @@ when bubblewrap works on the machine, like the grader does.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 import grader.runtime as runtime
+from grader import sandbox
 from grader.execute import (INJECTED_TAG, STATE_FILE, OutputCappedClient, RunResult, RunSpec,
                             assigned_names, parameters_source, plan_notebook, read_notebook,
-                            run_notebook)
+                            run_notebook, work_dir_usage)
 from reference.model import scaled_cfg
 from reference.profiles import QUICK
 
@@ -162,7 +164,10 @@ def test_drive_paths_map_to_the_work_dir_by_basename(monkeypatch, tmp_path):
     assert runtime.drive_path("/content/drive/MyDrive/lab4/model_best.pth") == \
         str(tmp_path / "model_best.pth")
     assert runtime.drive_path(Path("/content/x.pth")) == str(tmp_path / "x.pth")
-    assert runtime.drive_path("/contents/x.pth") == "/contents/x.pth"
+    # An absolute path into a folder that exists only on the student's machine lands there too;
+    # one into a folder that exists here is left alone.
+    assert runtime.drive_path("/home/student/lab4/x.pth") == str(tmp_path / "x.pth")
+    assert runtime.drive_path(str(tmp_path.parent / "x.pth")) == str(tmp_path.parent / "x.pth")
     assert runtime.drive_path("model_best.pth") == "model_best.pth"
     assert runtime.drive_path(3) == 3
 
@@ -220,8 +225,8 @@ def test_exception_names_the_cell_and_state_is_still_dumped(tmp_path):
     assert result.state["cfg_mask"] == [[1, 0, 1]]
     assert result.state["threshold"] == 0.25
     assert result.state["_skipped"] == {"history": "object"}
-    assert "EPOCHS" not in result.state  # the cell after the failing one did not run
-    assert result.cell_seconds[2] == 0.0
+    assert result.state["EPOCHS"] == 99  # the cell after the failing one ran too
+    assert result.cell_seconds[2] > 0.0
 
 
 def test_sys_exit_is_an_exception(tmp_path):
@@ -229,7 +234,7 @@ def test_sys_exit_is_an_exception(tmp_path):
     assert result.failure is not None and result.failure.kind == "exception"
     assert result.failure.cell_index == 0
     assert "SystemExit" in result.failure.message
-    assert result.state == {"_skipped": {}}
+    assert result.state["_skipped"] == {} and result.state["EPOCHS"] == 1  # later cells ran
 
 
 def test_cell_timeout_interrupts_and_still_dumps_state(tmp_path):
@@ -259,6 +264,59 @@ def test_memory_limit_kills_the_kernel(tmp_path):
     assert result.failure.cell_index == 1
     assert "more than 500 MB" in result.failure.message
     assert result.state == {}
+
+
+def test_files_in_the_sandbox_tmpfs_count_as_memory(tmp_path):
+    if not sandbox.sandbox_available():
+        pytest.skip("the sandbox's own /dev/shm needs bubblewrap")
+    # The kernel itself holds far less than 500 MB; the 800 MB it parks in /dev/shm (files no
+    # process maps) are what passes the limit. Uncounted, the cell would wait for its timeout.
+    profile = replace(PROFILE, memory_limit_mb=500, file_limit_mb=1024)
+    fill = ("import threading\nchunk = b'x' * (100 * 1024 * 1024)\n"
+            "for i in range(8):\n    with open(f'/dev/shm/fill-{i}', 'wb') as f:\n"
+            "        f.write(chunk)\n"
+            "del chunk\nthreading.Event().wait()")
+    result = run(tmp_path, ["x = 1", fill], profile=profile)
+    assert result.failure is not None and result.failure.kind == "out-of-memory", result.failure
+    assert result.failure.cell_index == 1
+    assert "more than 500 MB" in result.failure.message and "/dev/shm" in result.failure.message
+
+
+def test_a_file_past_the_file_limit_cannot_be_written(tmp_path):
+    if not sandbox.sandbox_available():
+        pytest.skip("RLIMIT_FSIZE is set by the sandbox's launcher")
+    profile = replace(PROFILE, file_limit_mb=8)
+    result = run(tmp_path, ["open('big.bin', 'wb').write(b'x' * (10 * 1024 * 1024))"],
+                 profile=profile)
+    assert result.failure is not None and result.failure.kind == "exception", result.failure
+    assert "File too large" in result.failure.message
+    assert (tmp_path / "work" / "big.bin").stat().st_size <= 8 * 1024 * 1024
+
+
+def test_a_work_dir_past_the_disk_limit_stops_the_kernel(tmp_path):
+    profile = replace(PROFILE, file_limit_mb=8, disk_limit_mb=20)
+    fill = ("import threading\nfor i in range(4):\n"
+            "    open(f'part-{i}.bin', 'wb').write(b'x' * (7 * 1024 * 1024))\n"
+            "threading.Event().wait()")
+    result = run(tmp_path, ["x = 1", fill], profile=profile)
+    assert result.failure is not None and result.failure.kind == "out-of-memory", result.failure
+    assert result.failure.cell_index == 1
+    assert "disk" in result.failure.message and "20 MB" in result.failure.message
+
+
+def test_work_dir_usage_counts_each_file_once_and_follows_no_link(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data.bin").write_bytes(b"x" * 1_000_000)
+    os.link(tmp_path / "a" / "data.bin", tmp_path / "hard.bin")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "huge.bin").write_bytes(b"y" * 3_000_000)
+    (tmp_path / "link").symlink_to(outside)
+    used, entries = work_dir_usage(tmp_path, 10**9)
+    assert 1_000_000 <= used < 1_200_000
+    assert entries == 4
+    used, _ = work_dir_usage(tmp_path, 10)  # stops as soon as it is over
+    assert used > 10
 
 
 def test_killed_kernel_is_reported(tmp_path):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import only modules that stand before it (or itself).
-LAYERS = ["reference", "grader.runtime", "grader.sandbox", "grader.prepare", "grader.checkpoints",
+LAYERS = ["reference", "grader.untrusted", "grader.runtime", "grader.sandbox", "grader.prepare",
+          "grader.checkpoints",
           "grader.execute", "grader.runcache", "grader.schedule", "grader.evaluate",
           "grader.diagnose", "grader.score", "grader.render", "grader.pipeline", "grader.batch",
           "grader.cli"]

@@ -5,10 +5,13 @@ probes can succeed, without it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import select
 import socket
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import pytest
 
 from grader import execute, sandbox
 from grader.execute import HarnessError, RunSpec, run_notebook
-from grader.sandbox import KernelPlace, bwrap_command, package_dirs, sandbox_available
+from grader.sandbox import (KernelPlace, bwrap_command, kernel_files, package_dirs,
+                            sandbox_available)
 from reference.profiles import QUICK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,7 +111,8 @@ def test_kernel_in_the_sandbox_reaches_nothing_outside_its_work_dir(probe_run):
     assert results["visible_pids"] <= 5  # bwrap's init and the kernel
     assert results["threads"] < sandbox.MAX_PROCESSES
     if os.geteuid() == 0:
-        assert results["uid"] == sandbox.UNPRIVILEGED_ID
+        assert sandbox.SANDBOX_ID_BASE <= results["uid"] \
+            < sandbox.SANDBOX_ID_BASE + sandbox.SANDBOX_ID_COUNT
 
 
 def test_the_same_probe_without_the_sandbox_reaches_everything(probe_run):
@@ -142,15 +147,25 @@ def test_package_folders_are_read_only_inside(tmp_path):
 def test_bwrap_command_binds_only_what_the_kernel_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: "/usr/bin/bwrap")
     work_dir, data_root = tmp_path / "work", tmp_path / "data"
-    place = KernelPlace(work_dir, work_dir / ".slimgrade", data_root, "cpu", True)
+    place = KernelPlace(work_dir, work_dir / ".slimgrade", data_root, "cpu", True,
+                        (1_900_000_123, 1_900_000_123), 256 * 1024 * 1024)
     args = bwrap_command(place, ["python", "-m", "ipykernel_launcher"])
     binds = {(args[i], args[i + 1]) for i, arg in enumerate(args)
              if arg in ("--bind", "--ro-bind", "--dev-bind")}
     sources = {Path(source) for _, source in binds}
     assert ("--bind", str(work_dir)) in binds
     assert ("--ro-bind", str(data_root)) in binds
-    assert {("--ro-bind", str(folder)) for folder in package_dirs()} <= binds
+    # Of the packages, exactly KERNEL_SEES, over an empty read-only tmpfs per package.
+    assert {("--ro-bind", str(path)) for path in kernel_files()} <= binds
+    assert {p for p in sources if any(f in p.parents or f == p for f in package_dirs())} \
+        == set(kernel_files())
+    for folder in package_dirs():
+        assert ("--tmpfs", str(folder)) in set(zip(args, args[1:]))
+        assert ("--remount-ro", str(folder)) in set(zip(args, args[1:]))
     assert REPO not in sources
+    launcher = args[args.index("--") + 1:]
+    assert launcher[launcher.index("--user") + 1] == "1900000123:1900000123"
+    assert launcher[launcher.index("--max-file-bytes") + 1] == str(256 * 1024 * 1024)
     assert not any(Path.home() / ".cache" in (s, *s.parents) for s in sources)
     assert [kind for kind, _ in binds if kind == "--bind"] == ["--bind"]  # only the work dir
     for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--new-session"):
@@ -177,3 +192,153 @@ def test_missing_sandbox_warns_once_and_runs_unsandboxed(monkeypatch, caplog):
     assert "bubblewrap" in warnings[0].getMessage()
     with pytest.raises(HarnessError):
         execute.choose_sandbox(True)
+
+
+# ---------------------------------------------------------------- the answer key, uids
+
+HIDDEN_MODULES = ("reference.prune", "reference.train", "reference.bundle", "reference.profiles",
+                  "reference.metrics", "reference.plots", "grader.evaluate", "grader.pipeline",
+                  "grader.execute", "grader.sandbox", "grader.diagnose", "grader.score")
+
+IMPORTS = '''
+import importlib, json, os
+results = {{}}
+for name in {modules!r}:
+    try:
+        importlib.import_module(name)
+        results[name] = "imported"
+    except Exception as error:
+        results[name] = type(error).__name__
+from models import vgg
+results["vgg"] = type(vgg()).__name__
+import grader, reference
+results["seen"] = sorted(os.listdir(os.path.dirname(reference.__file__))
+                         + os.listdir(os.path.dirname(grader.__file__)))
+with open("imports.json", "w") as handle:
+    json.dump(results, handle)
+'''
+
+
+def notebook(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / f"{name}.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, path)
+    return path
+
+
+@needs_bwrap
+@pytest.mark.parametrize("installed", [False, True], ids=["editable", "in-site-packages"])
+def test_the_answer_key_cannot_be_imported_in_the_kernel(tmp_path, monkeypatch, installed):
+    if installed:  # as a non-editable install: the packages inside a bound python root
+        roots = sandbox.python_roots()
+        monkeypatch.setattr(sandbox, "python_roots", lambda: sorted({*roots, REPO}))
+    source = IMPORTS.format(modules=HIDDEN_MODULES)
+    result = run_notebook(RunSpec("imports", notebook(tmp_path, "imports", source),
+                                  tmp_path / "work", {}, replace(QUICK, cell_timeout_s=60),
+                                  sandbox=True))
+    assert result.failure is None, result.failure
+    results = json.loads((tmp_path / "work" / "imports.json").read_text())
+    for name in HIDDEN_MODULES:
+        assert results[name] == "ModuleNotFoundError", name
+    assert results["vgg"] == "vgg"  # the trusted models/vgg.py still imports reference.model
+    assert results["seen"] == ["__init__.py", "__init__.py", "data.py", "model.py", "runtime"]
+
+
+def test_each_lease_is_a_uid_of_its_own_until_released(monkeypatch):
+    if os.geteuid() != 0:
+        assert sandbox.lease_user() is None  # the kernel runs as the grader's own user
+        return
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: n - 1)  # all start at the end
+    first, second = sandbox.lease_user(), sandbox.lease_user()
+    try:
+        assert first.uid != second.uid
+        assert first.gid == first.uid and second.gid == second.uid
+        for lease in (first, second):
+            assert sandbox.SANDBOX_ID_BASE <= lease.uid \
+                < sandbox.SANDBOX_ID_BASE + sandbox.SANDBOX_ID_COUNT
+        first.release()
+        third = sandbox.lease_user()  # a released uid is free again
+        assert third.uid == first.uid
+        third.release()
+    finally:
+        first.release()
+        second.release()
+
+
+BOMB = '''
+import json, os
+r, w = os.pipe()
+children, error = [], None
+while len(children) < 5000:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = exc.errno
+        break
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)  # until the parent lets go
+        os._exit(0)
+    children.append(pid)
+with open({bombed!r}, "w") as handle:  # tells the test: the process table is full
+    handle.write(str(len(children)))
+with open({release!r}) as handle:  # until the test has started the other kernel
+    handle.read()
+os.close(w)
+for pid in children:
+    os.waitpid(pid, 0)
+with open("bomb.json", "w") as handle:
+    json.dump({{"uid": os.getuid(), "children": len(children), "errno": error}}, handle)
+'''
+
+OTHER = '''
+import json, os
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+with open("other.json", "w") as handle:
+    json.dump({"uid": os.getuid()}, handle)
+'''
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid per kernel needs a grader running as root")
+def test_a_fork_bomb_exhausts_only_its_own_kernels_process_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "MAX_PROCESSES", 64)  # a small bomb
+    shared = tmp_path / "shared"  # bound into both sandboxes (as the data root): two FIFOs
+    shared.mkdir(mode=0o755)
+    bombed, release = shared / "bombed", shared / "release"
+    for fifo in (bombed, release):
+        os.mkfifo(fifo)
+        os.chmod(fifo, 0o666)
+    profile = replace(QUICK, cell_timeout_s=120)
+    bomb_spec = RunSpec("bomb", notebook(tmp_path, "bomb", BOMB.format(bombed=str(bombed),
+                                                                       release=str(release))),
+                        tmp_path / "bomb", {}, profile, data_root=shared, sandbox=True)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_notebook(bomb_spec)))
+    reader = os.open(bombed, os.O_RDONLY | os.O_NONBLOCK)
+    thread.start()
+    try:
+        ready, _, _ = select.select([reader], [], [], 180)
+        assert ready, "the fork bomb never filled its process table"
+        assert int(os.read(reader, 64)) < 64
+        other = run_notebook(RunSpec("other", notebook(tmp_path, "other", OTHER),
+                                     tmp_path / "other", {}, profile, sandbox=True))
+        assert other.failure is None, other.failure  # it started, and it could fork
+    finally:
+        os.close(reader)
+        try:
+            writer = os.open(release, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(writer, b"go")
+            os.close(writer)
+        except OSError:
+            pass  # the bomb's kernel is gone already
+        thread.join(180)
+    assert outcome["result"].failure is None, outcome["result"].failure
+    bomb = json.loads((tmp_path / "bomb" / "bomb.json").read_text())
+    other_uid = json.loads((tmp_path / "other" / "other.json").read_text())["uid"]
+    assert bomb["errno"] == errno.EAGAIN
+    assert bomb["uid"] != other_uid

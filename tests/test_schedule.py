@@ -66,8 +66,10 @@ class FakeRuns:
                 for name in spec.expected_artifacts:
                     (spec.work_dir / name).write_text(f"written by {spec.run_id}")
             self._note(spec.run_id, "ended", active=-1)
+            written = {} if failure else {name: name for name in spec.expected_artifacts}
             return RunResult(spec.run_id, spec.notebook.name, spec.work_dir / "executed.ipynb",
-                             failure, {}, "", [], 0.0, False, [])
+                             failure, {}, "", [], 0.0, False, [],
+                             expected=list(spec.expected_artifacts), artifacts=written)
         finally:
             self._note(spec.run_id, "kernel down", alive=-1)
 

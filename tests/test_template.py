@@ -95,7 +95,8 @@ def test_build_all_leaves_other_files_alone(tmp_path):
 @pytest.mark.parametrize("name", [n for n in mf.fixture_names() if not n.startswith("zip-slip")])
 def test_expected_json_shape(generated, name):
     data = json.loads((generated / name / "expected.json").read_text())
-    assert set(data) == EXPECTED_KEYS
+    assert EXPECTED_KEYS <= set(data) <= EXPECTED_KEYS | {"warnings"}
+    assert all(isinstance(w, str) for w in data.get("warnings", []))
     assert all(isinstance(d, str) for d in data["diagnoses"] + data["failing_checks"])
     assert all(set(f) == {"notebook", "kind"} for f in data["failures"])
     lo, hi = data["score_band"]
@@ -179,6 +180,114 @@ def test_colab_fixture_looks_like_the_course(generated):
     assert "PRUNE_PERCENT = 0.5" in prune and "PRUNE_PERCENT = 0.9" in prune
     assert prune.count("checkpoint = torch.load(WEIGHT_PATH)") == 2
     assert "datasets.CIFAR10('./data'," in prune
+
+
+# ----------------------------------------------------------------------------- course family
+
+COURSE_MUTANTS = {m.name: m for m in mf.course_mutants()}
+
+
+def test_course_family_is_registered():
+    names = mf.course_fixture_names()
+    assert names[0] == mf.COURSE_SOLUTION and set(names[1:]) == set(COURSE_MUTANTS)
+    assert all(n.startswith("course-") for n in names)
+    assert set(names) <= set(mf.fixture_names())
+    assert not set(names) & ({mf.SOLUTION} | set(MUTANTS))
+
+
+@pytest.mark.parametrize("name", sorted(COURSE_MUTANTS))
+def test_course_mutant_differs_from_the_course_base_where_edited(generated, name):
+    mutant = COURSE_MUTANTS[name]
+    base, folder = generated / mf.COURSE_SOLUTION, generated / name
+    assert mutant.touches == {mf.PRUNE}, name
+    for notebook in mf.NOTEBOOKS:
+        ours, theirs = code_sources(base / notebook), code_sources(folder / notebook)
+        if notebook in mutant.touches:
+            # the same slip in both pruning halves (0.9, then 0.5), nowhere else
+            changed = [a[0] for a, b in zip(ours, theirs, strict=True) if a != b]
+            assert len(changed) == 2 and {c.rsplit("-", 1)[1] for c in changed} == {"90", "50"}, \
+                (name, changed)
+        else:
+            assert ours == theirs, f"{name}: {notebook} should equal the course base's"
+    assert files_under(base / "models") == files_under(folder / "models")
+
+
+def test_course_family_parses(generated):
+    for name in mf.course_fixture_names():
+        for notebook in mf.NOTEBOOKS:
+            path = generated / name / notebook
+            nb = nbformat.read(str(path), as_version=4)
+            nbformat.validate(nb)
+            assert nb.metadata["colab"] and nb.metadata["kernelspec"]["name"] == "python3"
+            for _, source in code_sources(path):
+                ast.parse(python_source(source))
+
+
+def test_course_base_has_the_patterns_of_real_hand_ins(generated):
+    """../shared/LAB.md section 8, one assertion per pattern."""
+    folder = generated / mf.COURSE_SOLUTION
+    code = {n: "\n".join(s for _, s in code_sources(folder / n)) for n in mf.NOTEBOOKS}
+    drive = "/content/drive/MyDrive/Colab Notebooks"
+    for notebook, text in code.items():
+        nb = nbformat.read(str(folder / notebook), as_version=4)
+        assert not any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        assert "from google.colab import drive\ndrive.mount('/content/drive')" in text
+        assert f"%cd {drive}/AI_lab4" in text
+        assert "CUDA = True\n" in text and ".cuda()" in text and "Variable(data)" in text
+        assert "map_location" not in text and "DEVICE" not in text and "# >>> BLANK" not in text
+        assert "from models import vgg" in text
+        settings = ("WEIGHT_PATH =", "PRUNE_PATH =", "PRUNE_FINETUNE_PATH =")
+        for path in [line.split("'")[1] for line in text.splitlines()
+                     if line.startswith(settings)]:
+            assert path.startswith(drive + "/") and "AI_lab4" not in path, path
+    sparsity, prune, finetune = code[mf.SPARSITY], code[mf.PRUNE], code[mf.FINETUNE]
+    # three lambdas one after the other, the chosen one last, each overwriting model_best.pth
+    lambdas = [line for line in sparsity.splitlines() if line.startswith("LAMBDA = ")]
+    assert lambdas == ["LAMBDA = 0", "LAMBDA = 1e-3", "LAMBDA = 1e-4"]
+    assert sparsity.count("EPOCHS = 120\n") == 3 and sparsity.count("for i in range(120):") == 3
+    assert sparsity.count("plt.plot(iteration, accuracy)") == 3 and "plt.hist(" in sparsity
+    assert sparsity.count("RESUME = False") == 3 and "if RESUME:" in sparsity
+    assert "m.weight.grad.data.add_(LAMBDA * torch.sign(m.weight.data))" in sparsity
+    step = "updateBN()\n        optimizer.step()"
+    assert sparsity.index("loss.backward()") < sparsity.index(step)
+    assert "if epoch in [EPOCHS * 0.5, EPOCHS * 0.75]:" in sparsity
+    assert "'best_prec1': best_prec1" in sparsity
+    assert sparsity.index("torch.save(") < sparsity.index("best_prec1 = max(prec1, best_prec1)")
+    for text in (sparsity, finetune):
+        assert "size_average=False" in text and "shuffle=True, **kwargs)" in text
+        assert text.count("datasets.CIFAR10('./data', train=") == 2 and "download=True" in text
+    # both ratios in one vggprune, PRUNE_PATH written twice, the course's names and prints
+    assert [line for line in prune.splitlines() if line.startswith("PRUNE_PERCENT")] == \
+        ["PRUNE_PERCENT = 0.9", "PRUNE_PERCENT = 0.5"]
+    assert prune.count("PRUNE_PATH = ") == 2
+    assert prune.count("checkpoint = torch.load(WEIGHT_PATH)") == 2
+    assert prune.count("mask = weight_copy.abs().gt(threshold).float().cuda()") == 2
+    assert prune.count("idx1 = np.squeeze(np.argwhere(np.asarray(end_mask.cpu().numpy())))") == 4
+    assert prune.count("if idx1.size == 1:") == 4 and "< 3" not in prune and "topk" not in prune
+    for needle in ["layer index: ", "PRUNE RATIO=", "PREPROCESSING SUCCESSFUL!",
+                   "Test set: Accuracy: ", "LOADING CHECKPOINT", "threshold = y[thre_index]",
+                   "cfg_mask.append(", "newmodel = vgg(cfg=cfg)", "shuffle=True"]:
+        assert needle in prune, needle
+    # train_prune_model: RESUME = True loads the pruned model; the optimizer comes after
+    assert "RESUME = True\nPRUNE_PATH = " in finetune and "model = None\nif(RESUME):" in finetune
+    assert "model = vgg(cfg=checkpoint['cfg'])" in finetune and "RESUME PRUNE MODEL" in finetune
+    assert finetune.index("if(RESUME):") < finetune.index("optim.SGD(model.parameters()")
+    assert "TRAIN PRUNED MODEL DONE!" in finetune and "PRUNE_FINETUNE_PATH)" in finetune
+    assert "updateBN" not in finetune
+
+
+def test_course_expectations(generated):
+    def manifest(name):
+        return json.loads((generated / name / "expected.json").read_text())
+
+    for name in mf.course_fixture_names():
+        data = manifest(name)
+        assert not data["failures"] and "range(120)" in data["note"], name
+    assert manifest(mf.COURSE_SOLUTION)["score_band"] == [60, 60]
+    assert manifest("course-first-k")["warnings"] == ["min-channel-first-k"]
+    assert manifest("course-no-guard")["warnings"] == ["single-channel-index"]
+    for name in ("course-first-k", "course-no-guard"):
+        assert manifest(name)["score_band"] == [60, 60] and not manifest(name)["diagnoses"]
 
 
 # ----------------------------------------------------------------------------- template

@@ -8,9 +8,10 @@ The executor injects two cells into every notebook it runs::
 ``install`` makes a notebook written for Colab run unchanged on the grading machine:
 
 * ``from google.colab import drive; drive.mount(...)`` is a no-op;
-* Drive paths: ``os.chdir``/``%cd`` into a path under ``/content`` lands in the work
-  dir; ``open``, ``torch.save``, ``torch.load``, ``os.path.exists``/``isfile``/``isdir``
-  and ``os.makedirs``/``os.mkdir`` given an absolute path under ``/content`` use the
+* Drive paths: ``os.chdir``/``%cd`` into a path under ``/content`` (or any absolute
+  folder missing here) lands in the work dir; ``open``, ``torch.save``, ``torch.load``,
+  ``os.path.exists``/``isfile``/``isdir`` and ``os.makedirs``/``os.mkdir`` given an
+  absolute path under ``/content`` (or in a folder missing here) use the
   file of the same *basename* in the work dir (``/content/drive/MyDrive/lab4/model_best.pth``
   becomes ``<work_dir>/model_best.pth``). Only the basename survives: the lab's
   files have distinct names, and one flat folder is what the grader collects;
@@ -18,7 +19,9 @@ The executor injects two cells into every notebook it runs::
   CPU), and ``torch.load`` without ``map_location`` loads onto it;
 * ``torchvision.datasets.CIFAR10`` serves the profile's data (CIFAR-10 from the
   data root, or the digits stand-in) and never downloads;
-* ``torch.set_num_threads`` gets the configured thread count.
+* ``torch.set_num_threads`` gets the configured thread count;
+* ``torch.save`` records where it wrote (the grader finds a notebook's own paths), and
+  ``Axes.hist`` what it plotted (the grader recognises a histogram of the gammas).
 
 ``dump_state`` writes what the grader reads from the kernel as plain JSON, so the
 grader never unpickles anything the student's code produced. Nothing in this module
@@ -30,6 +33,7 @@ Importing this package stays cheap (no torch) because the sandbox launcher lives
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import math
 import os
@@ -43,6 +47,8 @@ STATE_NAMES = ("LAMBDA", "SPARSITY_REGULARIZATION", "PRUNE_PERCENT", "EPOCHS", "
                "cfg", "cfg_mask", "WEIGHT_PATH", "PRUNE_PATH", "PRUNE_FINETUNE_PATH",
                "MIN_CHANNELS", "history")
 SKIPPED_KEY = "_skipped"
+SAVED_KEY = "_saved"
+HISTOGRAMS_KEY = "_histograms"
 # A state value bigger than this once encoded is skipped: the grader needs masks and
 # short lists, and a student's stray giant tensor must not fill the disk.
 MAX_VALUE_BYTES = 4_000_000
@@ -50,6 +56,10 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 _settings: dict[str, Any] = {}
+_saved: list[str] = []  # what torch.save wrote, oldest first, relative to the work dir
+MAX_SAVED = 50
+_histograms: list[dict] = []  # one entry per hist() call: what was plotted
+MAX_HISTOGRAMS = 20
 _dataset_cache: dict[tuple[str, str | None], Any] = {}
 
 
@@ -70,16 +80,31 @@ def install(config: dict) -> None:
     torch.set_num_threads(int(config["threads"]))
     _install_device_shims(torch, str(config["device"]))
     _install_cifar10()
+    _install_histogram_record()
 
 
 def drive_path(path: Any) -> Any:
-    """``path`` itself, or for an absolute path under /content the same basename in the work dir."""
+    """``path`` itself, or the same basename in the work dir for an absolute path that only
+    exists on the student's machine: under /content (Colab, Drive), or in a folder missing here."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
-    if not isinstance(path, str) or not _under_drive_root(path):
+    if not isinstance(path, str) or not _elsewhere(path):
         return path
     name = os.path.basename(path.rstrip("/"))
     return os.path.join(_settings["work_dir"], name)
+
+
+def _elsewhere(path: str) -> bool:
+    if not os.path.isabs(path):
+        return False
+    if _under_drive_root(path):
+        return True
+    # The kernel's own places (its work dir, home with the libraries' caches, /tmp) stay put.
+    own = [_settings["work_dir"], os.path.expanduser("~"), "/tmp", "/dev/shm"]
+    if any(path == root or path.startswith(root.rstrip("/") + "/") for root in own):
+        return False
+    real_isdir = getattr(os.path.isdir, "__wrapped__", os.path.isdir)
+    return not real_isdir(os.path.dirname(path.rstrip("/")) or "/")
 
 
 def _under_drive_root(path: str) -> bool:
@@ -147,8 +172,8 @@ def _install_drive_paths() -> None:
 
     def chdir(path: Any) -> None:
         target = os.fspath(path) if isinstance(path, os.PathLike) else path
-        if isinstance(target, str) and _under_drive_root(os.path.abspath(target)) \
-                and not real_isdir(target):
+        if isinstance(target, str) and not real_isdir(target) \
+                and (_under_drive_root(os.path.abspath(target)) or os.path.isabs(target)):
             target = _settings["work_dir"]
         real_chdir(target)
 
@@ -176,7 +201,12 @@ def _install_device_shims(torch: Any, device: str) -> None:
     real_save = torch.save
 
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-        return real_save(obj, drive_path(f), *args, **kwargs)
+        target = drive_path(f)
+        result = real_save(obj, target, *args, **kwargs)
+        if isinstance(target, str):  # where it landed, so the grader finds the notebook's own paths
+            where = os.path.relpath(os.path.realpath(target), _settings["work_dir"])
+            _saved[:] = [p for p in _saved if p != where][-(MAX_SAVED - 1):] + [where]
+        return result
 
     load._slimgrade = True
     load.__doc__ = real_load.__doc__
@@ -195,6 +225,36 @@ def _profile_data() -> Any:
 
         _dataset_cache[key] = load_dataset(*key)
     return _dataset_cache[key]
+
+
+def _install_histogram_record() -> None:
+    """Remember what each ``hist`` call plotted (how many values, their |value| quantiles), so
+    the grader can tell a histogram of the network's gammas from any other figure."""
+    import matplotlib.axes
+    import numpy as np
+
+    real_hist = matplotlib.axes.Axes.hist
+    if getattr(real_hist, "_slimgrade", False):
+        return
+
+    # pyplot checks, when imported, that Axes.hist is a method of Axes: keep its identity.
+    @functools.wraps(real_hist)
+    def hist(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            parts = x if isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) else [x]
+            values = np.concatenate([np.abs(np.asarray(
+                part.detach().cpu() if hasattr(part, "detach") else part, dtype=float)).ravel()
+                for part in parts])
+            values = values[np.isfinite(values)]
+            if values.size and len(_histograms) < MAX_HISTOGRAMS:
+                _histograms.append({"values": int(values.size),
+                                    "quantiles": np.quantile(values, [0, 0.5, 0.9, 1]).tolist()})
+        except Exception:  # what the student plots is theirs; recording must never break it
+            pass
+        return real_hist(self, x, *args, **kwargs)
+
+    hist._slimgrade = True
+    matplotlib.axes.Axes.hist = hist
 
 
 def _install_cifar10() -> None:
@@ -263,6 +323,8 @@ def dump_state(namespace: dict, state_file: str) -> None:
             except Exception:
                 skipped[name] = type(value).__name__
         state[SKIPPED_KEY] = skipped
+        state[SAVED_KEY] = list(_saved)
+        state[HISTOGRAMS_KEY] = list(_histograms)
         folder = _settings.get("work_dir") or os.getcwd()
         path = os.path.join(folder, state_file)
         tmp = path + ".tmp"

@@ -1,13 +1,17 @@
-"""First process inside the sandbox: set the process limit, drop root, then become the kernel.
+"""First process inside the sandbox: set the limits, drop root, then become the kernel.
 
 Usage (built by ``grader.sandbox``)::
 
-    python -m grader.runtime.launch --max-processes N [--user UID:GID] -- COMMAND...
+    python -m grader.runtime.launch --max-processes N [--max-file-bytes B] [--user UID:GID] -- COMMAND...
 
-RLIMIT_NPROC is set here, inside bubblewrap, rather than on the bwrap process: in a
-user namespace the limit then counts only the sandbox's own processes, and Linux
+RLIMIT_NPROC is set here, inside bubblewrap, rather than on the bwrap process: Linux
 never applies it to root at all, which is why a grader running as root hands the
-kernel to an unprivileged ``--user``.
+kernel to an unprivileged ``--user`` of its own (``grader.sandbox.lease_user``); the
+limit counts the tasks of that uid, so of this kernel only.
+
+RLIMIT_FSIZE (``--max-file-bytes``) caps every file the kernel and its children write:
+a write past it fails with EFBIG ("File too large"; Python ignores SIGXFSZ), in the
+work dir, /tmp and /dev/shm alike. The work dir's total is watched from outside.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import sys
 
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: launch --max-processes N [--user UID:GID] -- COMMAND...")
+        raise SystemExit("usage: launch --max-processes N [--max-file-bytes B] [--user UID:GID]"
+                         " -- COMMAND...")
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]
     settings = dict(zip(options[::2], options[1::2], strict=True))
@@ -27,6 +32,12 @@ def main(argv: list[str]) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)  # only root may raise a hard limit
     resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    if "--max-file-bytes" in settings:
+        size = int(settings["--max-file-bytes"])
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if hard != resource.RLIM_INFINITY:
+            size = min(size, hard)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     if "--user" in settings:
         uid, gid = (int(part) for part in settings["--user"].split(":"))
         os.setgroups([])
