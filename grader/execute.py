@@ -95,8 +95,6 @@ MAX_WORK_DIR_ENTRIES = 100_000
 SANDBOX_TMPFS = ("/tmp", "/dev/shm")
 KERNEL_USER_NAME = "student"
 ERROR_TAIL_LINES = 15
-# sun_path holds 108 bytes; the ipc sockets are named <socket_dir>/kernel-<n>.
-MAX_SOCKET_PATH = 100
 MESSAGE_VALUE_CHARS = 300
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\))")
 _CARRIAGE_RETURN = re.compile(r".*\r(?=[^\n])")
@@ -272,8 +270,9 @@ def assigned_names(source: str) -> set[str]:
 
 
 def parse_cell(source: str) -> ast.Module | None:
-    code = "\n".join(line for line in source.splitlines()
-                     if not line.lstrip().startswith(("%", "!")))
+    """The cell's syntax tree, IPython magics and shell lines blanked (line numbers kept)."""
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.split("\n"))
     try:
         return ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -336,7 +335,7 @@ def _target_names(target: ast.expr) -> set[str]:
     return set()
 
 
-def parameters_source(parameters: dict[str, object], scale: dict[str, float]) -> str:
+def parameters_source(parameters: dict[str, object]) -> str:
     """The code of one injected parameters cell; every value must survive repr -> literal_eval."""
     lines = ["# Injected by slimgrade: the grading profile's parameters."]
     for name, value in parameters.items():
@@ -350,13 +349,59 @@ def parameters_source(parameters: dict[str, object], scale: dict[str, float]) ->
         if not same:
             raise ValueError(f"parameter {name}={value!r} is not a plain literal")
         lines.append(f"{name} = {text}")
-    for name, factor in scale.items():
-        if not name.isidentifier():
-            raise ValueError(f"scaled name {name!r} is not a Python identifier")
-        lines.append(f"if isinstance(globals().get({name!r}), (int, float)) "
-                     f"and not isinstance({name}, bool):")
-        lines.append(f"    {name} = {name} * {float(factor)!r}")
     return "\n".join(lines) + "\n"
+
+
+OVERRIDE_NOTE = "  # slimgrade: the grading profile's value"
+
+
+def with_overrides(source: str, parameters: dict[str, object], scale: dict[str, float]) -> str:
+    """``source`` with the profile's value set again right after statements that bind an
+    injected name where a cell-level injection cannot reach: inside a loop or a branch
+    (``for LAMBDA in [0, 1e-4, 1e-3]:`` trains three times in one cell), and, for a scaled
+    name, after every binding (scaling is not idempotent, so it happens once per binding)."""
+    tree = parse_cell(source)
+    if tree is None or not (parameters or scale):
+        return source
+    lines = source.split("\n")
+    inserts: list[tuple[int, str]] = []
+
+    def add(anchor: ast.stmt, position: int, names: set[str], nested: bool) -> None:
+        code = [_scale_line(name, scale[name]) if name in scale else f"{name} = {parameters[name]!r}"
+                for name in sorted(names) if name in scale or (nested and name in parameters)]
+        indent = lines[anchor.lineno - 1][:anchor.col_offset]
+        if code and (not indent or indent.isspace()):
+            inserts.append((position, indent + "; ".join(code) + OVERRIDE_NOTE))
+
+    def visit(statements: list[ast.stmt], nested: bool) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, (ast.For, ast.AsyncFor)) and node.body[0].lineno > node.lineno:
+                add(node.body[0], node.body[0].lineno - 1, _target_names(node.target), True)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                add(node, node.end_lineno or node.lineno,
+                    set().union(*(_target_names(t) for t in targets)), nested)
+            for block in ("body", "orelse", "finalbody"):
+                visit(getattr(node, block, []), True)
+            for handler in getattr(node, "handlers", []):
+                visit(handler.body, True)
+            for case in getattr(node, "cases", []):
+                visit(case.body, True)
+
+    visit(tree.body, False)
+    for position, text in sorted(inserts, reverse=True):
+        lines.insert(position, text)
+    return "\n".join(lines)
+
+
+def _scale_line(name: str, factor: float) -> str:
+    if not name.isidentifier():
+        raise ValueError(f"scaled name {name!r} is not a Python identifier")
+    # A blank left unfilled (None) or a flag stays as it is.
+    return (f"{name} = {name} * {float(factor)!r} if isinstance({name}, (int, float)) "
+            f"and not isinstance({name}, bool) else {name}")
 
 
 @dataclass
@@ -377,33 +422,33 @@ def plan_notebook(student_nb: NotebookNode, install_code: str, dump_code: str,
     student_cells = nb.cells
     tagged = [i for i, cell in enumerate(student_cells)
               if cell.cell_type == "code" and PARAMETERS_TAG in cell.metadata.get("tags", [])]
-    inject_after: dict[int, dict[str, float]] = {}
+    # Scaled names are scaled after each statement that binds them (with_overrides); the
+    # parameters cell only sets literals, which may safely be set twice.
+    inject_after: set[int] = set()
     if tagged:
-        inject_after[tagged[0]] = dict(scale)
+        inject_after.add(tagged[0])
     else:
         for i, cell in enumerate(student_cells):
-            if cell.cell_type != "code":
-                continue
-            bound = assigned_names(cell.source)
-            if bound & set(KNOWN_PARAMETERS):
-                inject_after[i] = {k: v for k, v in scale.items() if k in bound}
+            if cell.cell_type == "code" and assigned_names(cell.source) & set(KNOWN_PARAMETERS):
+                inject_after.add(i)
     wants_parameters = bool(parameters or scale)
     cells = [_injected_cell(install_code)]
     origin: list[int | None] = [None]
     follows: list[int | None] = [None]
     if wants_parameters and not inject_after:
-        cells.append(_injected_cell(parameters_source(parameters, {})))
+        cells.append(_injected_cell(parameters_source(parameters)))
         origin.append(None)
         follows.append(None)
     for i, cell in enumerate(student_cells):
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
+            cell.source = with_overrides(cell.source, parameters, scale)
         cells.append(cell)
         origin.append(i)
         follows.append(None)
         if wants_parameters and i in inject_after:
-            cells.append(_injected_cell(parameters_source(parameters, inject_after[i])))
+            cells.append(_injected_cell(parameters_source(parameters)))
             origin.append(None)
             follows.append(i)
     cells.append(_injected_cell(dump_code))
@@ -727,7 +772,7 @@ class _Run:
         self.sandboxed = sandboxed
         self.work_dir = spec.work_dir.resolve()
         self.private = self.work_dir / PRIVATE_DIR
-        self.temporary_socket_dir: Path | None = None
+        self.temporary_socket_dir: Path | None = None  # connection file and ipc sockets
         self.lease: sandbox.UserLease | None = None
         self.failure: Failure | None = None
         self.errors: list[Failure] = []
@@ -758,10 +803,11 @@ class _Run:
         (self.private / "home").mkdir(parents=True)
         (self.work_dir / STATE_FILE).unlink(missing_ok=True)
         write_trusted_models(self.work_dir, self.spec.profile.width_divisor)
-        socket_dir = self.private
-        if len(str(socket_dir / "kernel-00")) > MAX_SOCKET_PATH:
-            self.temporary_socket_dir = Path(tempfile.mkdtemp(prefix="slimgrade-"))
-            socket_dir = self.temporary_socket_dir
+        # The connection file and sockets live outside the work dir: jupyter_client removes
+        # them by path after the run, and a kernel could have made their folder a link.
+        # (A short path also keeps the sockets within sun_path's 108 bytes.)
+        self.temporary_socket_dir = Path(tempfile.mkdtemp(prefix="slimgrade-"))
+        socket_dir = self.temporary_socket_dir
         # A uid/gid of this kernel's own (when the grader is root): its process limit is its own.
         self.lease = sandbox.lease_user() if self.sandboxed else None
         user = self.lease.user if self.lease is not None else None
@@ -1097,12 +1143,65 @@ def _error_output(cell: NotebookNode) -> NotebookNode | None:
                 None)
 
 
-def _traceback_tail(error_output: NotebookNode) -> str:
+def _traceback_tail(error_output: NotebookNode, max_lines: int = 60, library_frames: int = 2,
+                    frame_lines: int = 6) -> str:
+    """The traceback as the student needs it: every frame of their own code (a notebook cell,
+    "Cell In[..]" / "Input In [..]" / "<ipython-input-..>", or a file of theirs such as
+    models/vgg.py), the ``library_frames`` library frames nearest the error (the others
+    become one "[... N library frame(s) left out ...]" line), and the exception text; each
+    frame cut to ``frame_lines`` lines around its arrow. Past ``max_lines`` in all, the
+    first and last lines are kept."""
     text = _strip_ansi("\n".join(error_output.get("traceback", [])))
     lines = text.splitlines()
     if not lines:
-        lines = [f"{error_output.get('ename', '')}: {error_output.get('evalue', '')}"]
-    return "\n".join(lines[-ERROR_TAIL_LINES:])
+        return f"{error_output.get('ename', '')}: {error_output.get('evalue', '')}"
+    frame_start = re.compile(r"(Cell In\s*\[\d+\]|Input In\s*\[\d+\]|<ipython-input-\d+-|File \S|\S[^ ]*\.py in )")
+    own_cell = re.compile(r"(Cell In\s*\[|Input In\s*\[|<ipython-input-)")
+    library = re.compile(r"(site-packages|dist-packages|/lib/python\d|/usr/lib/|/usr/local/lib/|<frozen )")
+    blocks: list[tuple[str, list[str]]] = [("text", [])]  # ("text" | "own" | "library", lines)
+    for line in lines:
+        if frame_start.match(line):
+            kind = "own" if own_cell.match(line) or not library.search(line) else "library"
+            blocks.append((kind, [line]))
+        elif blocks[-1][0] != "text" and not line.strip() and len(blocks[-1][1]) > 1:
+            blocks.append(("text", []))  # a frame ends at a blank line; what follows is text
+        else:
+            blocks[-1][1].append(line)
+
+    def cut(frame: list[str]) -> list[str]:
+        """The frame's first line, then the lines before its arrow and one after."""
+        if len(frame) <= frame_lines:
+            return frame
+        arrow = next((k for k, line in enumerate(frame) if re.match(r"\s*-+>", line)), len(frame) - 1)
+        end = min(len(frame), arrow + 2)
+        return [frame[0], *frame[max(1, end - (frame_lines - 1)):end]]
+
+    kept_library = {k for k in [k for k, (kind, _) in enumerate(blocks) if kind == "library"][-library_frames:]} \
+        if library_frames > 0 else set()
+    out: list[str] = []
+    dropped = 0
+    for k, (kind, block) in enumerate(blocks):
+        if kind == "library" and k not in kept_library:
+            dropped += 1
+            continue
+        if kind == "text" and not any(line.strip() for line in block):
+            continue  # the blank line between two frames
+        if dropped:
+            out += [f"[... {dropped} library frame(s) left out ...]", ""]
+            dropped = 0
+        if kind == "text":
+            if any(line.strip() for line in block):
+                out += block
+        else:
+            out += cut(block) + [""]
+    if dropped:
+        out.append(f"[... {dropped} library frame(s) left out ...]")
+    while out and not out[-1].strip():
+        out.pop()
+    if len(out) > max_lines:
+        head = max_lines // 3
+        out = out[:head] + [f"[... {len(out) - max_lines} lines left out ...]"] + out[-(max_lines - head):]
+    return "\n".join(out)
 
 
 def _strip_ansi(text: str) -> str:

@@ -1,6 +1,7 @@
 """Find the three notebooks of a submission (a folder or a .zip) and copy them somewhere private."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -77,9 +78,15 @@ def safe_extract(archive: Path, target: Path) -> list[str]:
 
 
 def _skipped(folder: str, names: list[str]) -> list[str]:
-    """Links (which could point at the grader's files), checkpoints and data are not copied."""
-    return [n for n in names if (Path(folder) / n).is_symlink()
-            or n.endswith((".pth", ".pt", ".tar")) or n == "data"]
+    """Only plain files and folders are copied: not links (which could point at the grader's
+    files), FIFOs or devices (which would block or never end), checkpoints or data."""
+    def plain(name: str) -> bool:
+        try:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+        except OSError:
+            return False
+        return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+    return [n for n in names if not plain(n) or n.endswith((".pth", ".pt", ".tar")) or n == "data"]
 
 
 def prepare(submission: Path, work_root: Path) -> Submission:

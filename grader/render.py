@@ -131,30 +131,40 @@ def report_html(result: dict, out_dir: Path | None = None) -> str:
 
 
 def gradescope_results(result: dict) -> dict:
-    """Gradescope's results.json: one test per check, the diagnoses in the top-level output."""
+    """Gradescope's results.json: one test per automatic check, the findings in the top-level
+    output (failures first: they are the causes), ``execution_time`` and ``output_format``.
+
+    Items graded by hand are left out of the tests (Gradescope grades them as manual
+    questions); the output says how many points they are worth.
+    """
     result = _dict(result)
+    checks, diagnoses, failures = _checks(result), _diagnoses(result), _failures(result)
     tests = []
-    for check in _checks(result):
-        test = {"name": f"{check['title']} [{check['id']}]", "score": check["points"] or 0.0,
-                "max_score": check["max_points"] or 0.0, "output": check["message"]}
+    for check in checks:
         if check["status"] == "skip":
-            # Graded by hand later: 0/0 here so the autograder neither passes nor fails it.
-            test["max_score"] = 0.0
-            test["output"] = (f"Graded by hand from your report (up to {_points(check['max_points'])} "
-                              f"points). {check['message']}").strip()
-        elif check["status"] == "pass":
-            test["status"] = "passed"
-        else:
-            test["status"] = "failed"
-            if check["status"] == "error":
-                test["output"] = f"Error: {check['message']}"
+            continue
+        test = {"name": f"{check['title']} [{check['id']}]", "score": check["points"] or 0.0,
+                "max_score": check["max_points"] or 0.0, "output": check["message"],
+                "status": "passed" if check["status"] == "pass" else "failed"}
+        if check["status"] == "error":
+            test["output"] = f"Not graded: {check['message'].removeprefix('Not graded: ')}"
         tests.append(test)
 
-    view_summary = _summary(result, _checks(result), _diagnoses(result), _failures(result))
+    view_summary = _summary(result, checks, diagnoses, failures)
     lines = [view_summary["score_line"], view_summary["verdict"]]
-    if view_summary["manual_line"]:
-        lines.append(view_summary["manual_line"])
-    for diagnosis in _diagnoses(result):
+    manual = [c for c in checks if c["status"] == "skip"]
+    if manual:
+        lines.append(f"Graded by hand in Gradescope (not in the tests above), "
+                     f"{_points(sum(c['max_points'] or 0.0 for c in manual))} points: "
+                     + "; ".join(c["title"] for c in manual) + ".")
+    runs_of = _failed_runs(result, failures)
+    for failure in failures:
+        where = f", cell {failure['cell']}" if failure["cell"] else ""
+        runs = runs_of[(failure["notebook"], failure["kind"], failure["message"])]
+        lines += ["", f"Failure ({failure['kind']}): {failure['notebook']}{where}", f"  {failure['message']}"]
+        if runs:
+            lines.append(f"  In: {'; '.join(run_label(r) for r in runs)}")
+    for diagnosis in diagnoses:
         label = SEVERITY_LABELS[diagnosis["severity"]]
         lines += ["", f"{label}: {diagnosis['id']} ({diagnosis['stage']})", f"  {diagnosis['message']}"]
         if diagnosis["hint"]:
@@ -165,13 +175,19 @@ def gradescope_results(result: dict) -> dict:
             else:
                 lines.append(f"  - {item['run']}:")
                 lines += [f"      {d}" for d in item["details"]]
-    for failure in _failures(result):
-        lines += ["", f"Failure: {failure['notebook']} ({failure['run']}): {failure['kind']}",
-                  f"  {failure['message']}"]
+    for note in _failures(result, "profile_notes"):
+        where = f", cell {note['cell']}" if note["cell"] else ""
+        lines += ["", f"Not counted: {note['notebook']}{where}", f"  {note['message']}",
+                  f"  {note['explanation']}"]
     output, cut = _clip("\n".join(lines), GRADESCOPE_OUTPUT_CHARS)
     if cut:
         output += "\n[output truncated; see report.html]"
-    return {"score": _number(result.get("score")) or 0.0, "tests": tests, "output": output}
+    results = {"score": _number(result.get("score")) or 0.0, "output": output,
+               "output_format": "text", "test_output_format": "text", "tests": tests}
+    seconds = _number(result.get("duration_s"))
+    if seconds is not None:
+        results["execution_time"] = round(seconds)
+    return results
 
 
 # ---------------------------------------------------------------- files
@@ -307,8 +323,8 @@ def report_view(result: dict, out_dir: Path | None = None) -> dict:
     failures = _failures(result, out_dir=out_dir)
     runs_of = _failed_runs(result, failures)
     for failure in failures:
-        failure["runs"] = [run_label(r) for r in runs_of[(failure["notebook"], failure["kind"],
-                                                          failure["message"])]]
+        failure["run_ids"] = runs_of[(failure["notebook"], failure["kind"], failure["message"])]
+        failure["runs"] = [run_label(r) for r in failure["run_ids"]]
     submission = _text(result.get("submission"), 300) or NOT_AVAILABLE
     return {
         "title": f"slimgrade report: {submission}",
@@ -363,7 +379,7 @@ def _evidence(raw: object) -> tuple[list[dict], int]:
             details = _list(item.get("details"))
             if not details and "details" not in item:
                 details = [item]
-            shown.append({"run": _text(item.get("run"), 200) or "run",
+            shown.append({"run": run_label(_text(item.get("run"), 200)) or "run",
                           "details": [_text(d, DETAIL_CHARS) for d in details[:EVIDENCE_DETAILS]],
                           "hidden": max(0, len(details) - EVIDENCE_DETAILS)})
         else:
@@ -610,13 +626,15 @@ def _stages(checks: list[dict], failures: list[dict] | None = None, hand: dict |
                 row["hand_points"] = hand_points[row["id"]]
         automatic = [c for c in rows if c["status"] != "skip"]
         causes = [f for f in failures or [] if f["notebook"] == f"{stage}.ipynb"
-                  or (stage == "chained" and f["run"].startswith("chained-"))]
+                  or (stage == "chained" and any(r.startswith("chained-")
+                                                 for r in f.get("run_ids") or [f["run"]]))]
         cause = ""
-        if causes and any(c["status"] in ("error", "fail") for c in automatic):
-            first = causes[0]
-            where = f" (cell {first['cell']})" if first["cell"] else ""
-            cause = (f"First: {first['message']} The checks below that could not be graded "
-                     f"follow from it{where and ''}.")
+        first = causes[0] if causes else None
+        if first and not first["run"] and first["kind"] == "missing-artifact":
+            cause = f"{first['message']} Every check of this notebook below follows from that."
+        elif first and any(c["status"] == "error" for c in automatic):
+            cause = (f"First: {first['message']} The checks below marked error could not be "
+                     "graded because of it.")
         stages.append({
             "id": stage, "title": STAGE_TITLES.get(stage, stage), "checks": rows,
             "points": _points(sum(c["points"] or 0.0 for c in automatic)),
@@ -653,9 +671,9 @@ def _sparsity(metrics: dict) -> dict:
     sparsity = _dict(metrics.get("sparsity"))
     reference = _dict(_dict(metrics.get("reference")).get("sparsity_gamma"))
     series = {
-        "your lambda run": _dict(_dict(sparsity.get("lambda")).get("gamma")),
-        "reference lambda run": _dict(reference.get("lambda")),
-        "your lambda = 0 run": _dict(_dict(sparsity.get("lambda0")).get("gamma")),
+        "your notebook, the grading's LAMBDA": _dict(_dict(sparsity.get("lambda")).get("gamma")),
+        "reference, the same LAMBDA": _dict(reference.get("lambda")),
+        "your notebook, LAMBDA = 0": _dict(_dict(sparsity.get("lambda0")).get("gamma")),
     }
     histograms = {label: h for label, stats in series.items() if (h := _histogram(stats))}
     plot = _data_uri(lambda: plots.gamma_histogram(histograms)) if histograms else None
@@ -702,9 +720,9 @@ def _fixed(value: object, digits: int) -> str:
 
 def _prune_facts(metrics: dict) -> list[tuple[str, str, dict]]:
     """(label, ratio key, facts) of every vggprune run, isolated first, then chained."""
-    runs = [(f"prune {key}", key, _dict(facts))
+    runs = [(run_label(f"prune-{key}"), key, _dict(facts))
             for key, facts in _dict(metrics.get("prune")).items()]
-    runs += [(f"chained prune {key}", key, _dict(facts))
+    runs += [(run_label(f"chained-prune-{key}"), key, _dict(facts))
              for key, facts in _dict(_dict(metrics.get("chained")).get("prune")).items()]
     return runs
 
@@ -732,19 +750,21 @@ def _pruning(metrics: dict) -> dict:
     runs = []
     for label, ratio, facts in _prune_facts(metrics):
         differences = [d for d in _list(facts.get("copy_differences")) if isinstance(d, dict)]
+        # The run's own failure first: what it left unwritten follows from it.
         problems = [f"{name.replace('_', ' ')}: {_text(facts.get(name))}"
-                    for name in ("error", "checkpoint_error", "thin_error", "run_failure")
+                    for name in ("run_failure", "error", "checkpoint_error", "thin_error")
                     if facts.get(name)]
         ref = _int_list(facts.get("reference_kept"))
         yours = _int_list(facts.get("student_kept"))
+        masks = _mask_verdict(facts, ref, yours)
         runs.append({
             "label": label,
             "ratio": ratio,
             "reference_kept": ", ".join(map(str, ref)) if ref else NOT_AVAILABLE,
             "student_kept": ", ".join(map(str, yours)) if yours else NOT_AVAILABLE,
-            "kept_match": (facts["mask_correct"] if isinstance(facts.get("mask_correct"), bool)
-                           else None if not (ref and yours) else ref == yours),
-            "layers_wrong": ", ".join(map(str, _int_list(facts.get("mask_layers_wrong")) or [])),
+            "kept_match": masks["match"],
+            "mask_note": masks["note"],
+            "layers_wrong": masks["layers"],
             "cfg": _text(facts.get("cfg"), CFG_CHARS) if facts.get("cfg") is not None else NOT_AVAILABLE,
             "claimed_ratio": _fixed(facts.get("claimed_prune_ratio"), 2),
             "threshold_claimed": _general(facts.get("threshold_claimed")),
@@ -763,6 +783,38 @@ def _pruning(metrics: dict) -> dict:
             "copy_hidden": max(0, len(differences) - COPY_DIFFERENCES),
         })
     return {"plots": plots_, "runs": runs}
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """0, 3, 4, 5, 9 -> "0, 3-5, 9" (BN layers numbered as the chart's axis, from 0)."""
+    parts, start = [], None
+    for k, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if k + 1 == len(layers) or layers[k + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}\u2013{layer}")
+            start = None
+    return ", ".join(parts)
+
+
+def _mask_verdict(facts: dict, ref: list[int] | None, yours: list[int] | None) -> dict:
+    """The masks row, derived from the same per-layer counts the chart draws; which channels
+    were kept (the grader's comparison of the masks themselves) only adds to it."""
+    compared = facts.get("mask_correct") if isinstance(facts.get("mask_correct"), bool) else None
+    channels = _int_list(facts.get("mask_layers_wrong")) or []
+    if not (ref and yours):
+        return {"match": compared, "layers": _layer_ranges(channels), "note": ""}
+    counts = [k for k, (a, b) in enumerate(zip(ref, yours)) if a != b]
+    if len(ref) != len(yours):
+        counts += list(range(min(len(ref), len(yours)), max(len(ref), len(yours))))
+    if counts:
+        note = ("the channels kept follow a rule the grader accepts (a minimum per layer; it "
+                "costs nothing)" if compared else "")
+        return {"match": False, "layers": _layer_ranges(counts), "note": note}
+    if compared is False:
+        return {"match": False, "layers": _layer_ranges(channels),
+                "note": "the same number of channels per layer, but not the same channels"}
+    return {"match": True, "layers": "", "note": ""}
 
 
 def _last_claim(facts: dict) -> float | None:
@@ -796,23 +848,23 @@ def _accuracy_rows(metrics: dict) -> list[dict]:
                 "error": _text(facts.get("error") or facts.get("checkpoint_error")
                                or facts.get("thin_error"), 300)}
 
-    finetune_note = f" (band {band:g} points)" if band is not None else ""
-    rows = [row("sparsity training, your lambda", sparsity.get("lambda"), reference.get("sparsity_accuracy")),
-            row("sparsity training, lambda = 0", sparsity.get("lambda0"))]
+    finetune_note = f" (yours passes within {band:g} points of it)" if band is not None else ""
+    rows = [row(RUN_WORDS["sparsity"], sparsity.get("lambda"), reference.get("sparsity_accuracy")),
+            row(RUN_WORDS["sparsity-lambda0"], sparsity.get("lambda0"))]
     prune = _dict(metrics.get("prune"))
     for key in sorted(prune, key=lambda k: (k not in PRUNE_RATIOS, k)):
         ref = _dict(ref_prune.get(key))
-        rows.append(row(f"pruned {key}", prune[key], ref.get("accuracy_pruned"),
+        rows.append(row(run_label(f"prune-{key}"), prune[key], ref.get("accuracy_pruned"),
                         ref.get("accuracy_recalibrated")))
-    rows.append(row("fine-tuned 0.9", metrics.get("finetune"), reference.get("finetune_accuracy"),
+    rows.append(row(RUN_WORDS["finetune"], metrics.get("finetune"), reference.get("finetune_accuracy"),
                     ref_note=finetune_note))
     if chained:
         lam = _number(chained.get("lambda"))
-        rows.append(row(f"chained: sparsity (lambda {lam:g})" if lam is not None else "chained: sparsity",
-                        chained.get("sparsity")))
+        rows.append(row(f"your own pipeline: sparsity training (LAMBDA {lam:g})" if lam is not None
+                        else "your own pipeline: sparsity training", chained.get("sparsity")))
         for key, facts in _dict(chained.get("prune")).items():
-            rows.append(row(f"chained: pruned {_text(key, 20)}", facts))
-        rows.append(row("chained: fine-tuned", chained.get("finetune")))
+            rows.append(row(run_label(f"chained-prune-{_text(key, 20)}"), facts))
+        rows.append(row("your own pipeline: fine-tuned", chained.get("finetune")))
     return rows
 
 
@@ -832,7 +884,8 @@ def _runs(metrics: dict, out_dir: Path | None) -> list[dict]:
         if (out_dir is not None and isinstance(run_id, str) and SAFE_RUN_ID.fullmatch(run_id)
                 and (out_dir / "notebooks" / f"{run_id}.ipynb").is_file()):
             link = f"notebooks/{run_id}.ipynb"  # relative: a local file next to the report
-        rows.append({"id": _text(run_id, 100), "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
+        rows.append({"id": _text(run_id, 100), "label": run_label(run_id),
+                     "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
                      "duration": _seconds(raw.get("duration_s")),
                      "status": status,
                      "kind": _text(failure.get("kind"), 50),

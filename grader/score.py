@@ -85,8 +85,9 @@ def _why_not_produced(ran: list[dict]) -> str:
     for run in ran:
         failure, missing = run.get("failure"), run.get("missing")
         if failure:
+            # The cause first, then what it left unwritten.
             return failure["message"] if not missing or failure["kind"] == "missing-artifact" \
-                else f"{', '.join(missing)} was not written: {failure['message']}"
+                else f"{failure['message'].rstrip('.')}, so {', '.join(missing)} was not written."
     return "the notebook for this stage was not found"
 
 

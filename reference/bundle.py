@@ -8,16 +8,28 @@ Layout of a bundle folder::
     prune_<ratio>.pth           {cfg, state_dict} of the thin model, per ratio
     finetune.pth                the fine-tuned thin model of the largest ratio
     gamma_hist.png, curves.png  plots
+    BUNDLE-HASH                 the content hash of every other file (``content_hash``)
+
+A bundle is identified by its content hash, and a grading never trains one: the quick
+profile's bundle ships with the package (``reference/bundles/quick/``), any other is built
+once with ``slimgrade reference --profile P --out DIR`` and given as ``--bundle DIR`` (or a
+.tar.gz/.zip archive of that folder). ``resolve_bundle`` finds, checks and names it.
 """
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
 import platform
+import secrets
+import shutil
+import stat
 import sys
-from collections.abc import Callable
-from pathlib import Path
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -146,6 +158,7 @@ def build_bundle(profile: Profile, out_dir: str | Path, data_root: str | Path | 
     from reference.plots import save_bundle_plots
     save_bundle_plots(manifest, out)
     _write_json_atomically(out / MANIFEST, manifest)
+    write_bundle_hash(out)
     return manifest
 
 
@@ -162,25 +175,3 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def default_cache_root() -> Path:
-    root = os.environ.get("SLIMGRADE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slimgrade")
-    return Path(root) / "reference"
-
-
-def ensure_bundle(profile: Profile, cache_root: str | Path | None = None,
-                  data_root: str | Path | None = None, device: str | None = None,
-                  progress: bool | None = None) -> Path:
-    """The cached bundle of ``profile``, built once per profile fingerprint and torch version."""
-    folder = Path(cache_root or default_cache_root()) / f"{profile.name}-{profile.fingerprint()}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # One builder at a time: parallel graders wait for the first one's bundle.
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            cached = json.loads(manifest.read_text())
-            if cached.get("environment", {}).get("torch") == torch.__version__:
-                return folder
-        build_bundle(profile, folder, data_root, device, progress)
-    return folder

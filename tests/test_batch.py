@@ -216,7 +216,8 @@ def test_four_submissions_one_broken(tmp_path, fake):
     assert len(fake.references) == 1
     columns, book = read_gradebook(out)
     assert columns == (["student_id"] + [item["id"] for item in RUBRIC["items"]]
-                       + ["total", "max_total", "failures", "diagnoses", "report"])
+                       + ["total", "max_total", "hand_total", "final", "final_max", "status",
+                          "failures", "diagnoses", "comment", "duration_s", "report"])
     by_id = {row["student_id"]: row for row in book}
     assert set(by_id) == {"alice", "bob", "broken", "mutant-carl"}
     assert by_id["alice"]["total"] == f"{AUTOMATIC_MAX:g}"
@@ -226,7 +227,10 @@ def test_four_submissions_one_broken(tmp_path, fake):
     assert by_id["mutant-carl"]["diagnoses"] == "bn-copy-bug"
     assert by_id["mutant-carl"]["blank-copy-bn-stats"] == "0"
 
+    assert by_id["alice"]["status"] == "graded" and by_id["alice"]["final"] == f"{AUTOMATIC_MAX:g}"
+    assert by_id["alice"]["final_max"] == f"{AUTOMATIC_MAX + sum(i['points'] for i in MANUAL):g}"
     broken = by_id["broken"]
+    assert broken["status"] == "not graded"
     assert broken["total"] == "0" and broken["max_total"] == f"{AUTOMATIC_MAX:g}"
     assert broken["failures"] == "submission:exception"
     assert broken["report"] == "broken/report.html"

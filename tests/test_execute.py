@@ -19,6 +19,7 @@ import grader.runtime as runtime
 from grader import sandbox
 from grader.execute import (INJECTED_TAG, STATE_FILE, OutputCappedClient, RunResult, RunSpec,
                             assigned_names, parameters_source, plan_notebook, read_notebook,
+                            with_overrides,
                             run_notebook, work_dir_usage)
 from reference.model import scaled_cfg
 from reference.profiles import QUICK
@@ -58,20 +59,29 @@ def test_assigned_names_sees_module_level_bindings_only():
     assert assigned_names("files = !ls\nLAMBDA = 1") == set()  # unparsable: nothing seen
 
 
-def test_parameters_source_keeps_literals_and_guards_scaling():
-    source = parameters_source({"LAMBDA": 0.005, "WEIGHT_PATH": "model_best.pth"}, {"LAMBDA": 100})
+def test_parameters_source_keeps_literals_only():
+    source = parameters_source({"LAMBDA": 0.005, "DEVICE": "cpu"})
     namespace: dict = {}
     exec(source, namespace)
-    assert namespace["LAMBDA"] == pytest.approx(0.5)
-    assert namespace["WEIGHT_PATH"] == "model_best.pth"
-    undefined: dict = {}
-    exec(parameters_source({}, {"LAMBDA": 100}), undefined)  # no NameError
-    assert "LAMBDA" not in undefined
-    unset = {"LAMBDA": None}  # the template's blank, not filled in
-    exec(parameters_source({}, {"LAMBDA": 100}), unset)
-    assert unset["LAMBDA"] is None
+    assert namespace["LAMBDA"] == 0.005 and namespace["DEVICE"] == "cpu"
     with pytest.raises(ValueError):
-        parameters_source({"LAMBDA": object()}, {})
+        parameters_source({"LAMBDA": object()})
+
+
+def test_overrides_reach_loops_and_scale_each_binding_once():
+    source = ("%cd /content\nLAMBDA = 1e-4\nfor LAMBDA in [0, 1e-3]:\n    train(LAMBDA)\n"
+              "for lam in [2e-4]:\n    PRUNE_PERCENT = lam\n    prune(PRUNE_PERCENT)\n"
+              "def f():\n    LAMBDA = 5\n")
+    out = with_overrides(source, {"PRUNE_PERCENT": 0.9}, {"LAMBDA": 10.0})
+    seen = []
+    namespace = {"train": seen.append, "prune": seen.append}
+    exec("\n".join(line for line in out.split("\n") if not line.startswith("%")), namespace)
+    assert seen == [0, pytest.approx(1e-2), 0.9]  # every loop pass gets the profile's value
+    assert namespace["LAMBDA"] == pytest.approx(1e-2)  # the top-level 1e-4 was scaled once
+    assert out.count("LAMBDA * 10.0") == 2  # not inside the function
+    unset = {"LAMBDA": None}
+    exec(with_overrides("LAMBDA = None", {}, {"LAMBDA": 10.0}), unset)
+    assert unset["LAMBDA"] is None  # a blank left unfilled stays unfilled
 
 
 def test_plan_injects_after_tagged_cell_only(tmp_path):
@@ -83,7 +93,7 @@ def test_plan_injects_after_tagged_cell_only(tmp_path):
     sources = [cell.source for cell in plan.nb.cells]
     assert sources[0] == "INSTALL" and sources[-1] == "DUMP"
     assert plan.origin == [None, 0, 1, None, 2, 3, None]
-    assert "EPOCHS = 3" in sources[3] and "LAMBDA = LAMBDA * 10.0" in sources[3]
+    assert "EPOCHS = 3" in sources[3] and "LAMBDA = LAMBDA * 10.0" in sources[2]
     assert plan.follows[3] == 1
     assert all(INJECTED_TAG in plan.nb.cells[i].metadata["tags"] for i in (0, 3, 6))
     assert plan.nb.cells[5].outputs == []  # the student's old outputs are not kept
@@ -94,8 +104,8 @@ def test_plan_injects_after_every_assigning_cell_and_scales_only_there(tmp_path)
         "LAMBDA = 1e-4\nEPOCHS = 60", "x = 1", "EPOCHS = 100", "y = 2"])
     plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {"LAMBDA": 10.0})
     assert plan.origin == [None, 0, None, 1, 2, None, 3, None]
-    assert "LAMBDA * 10.0" in plan.nb.cells[2].source
-    assert "LAMBDA" not in plan.nb.cells[5].source  # scaling twice would square the factor
+    assert "LAMBDA * 10.0" in plan.nb.cells[1].source  # right after the statement binding it
+    assert "LAMBDA" not in plan.nb.cells[2].source + plan.nb.cells[5].source  # scaled once
     assert "EPOCHS = 3" in plan.nb.cells[5].source
 
 

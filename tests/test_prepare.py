@@ -1,6 +1,7 @@
 """Finding notebooks in folders and zips; refusing entries that escape."""
 from __future__ import annotations
 
+import os
 import zipfile
 
 import nbformat
@@ -59,3 +60,12 @@ def test_links_and_checkpoints_are_not_copied(tmp_path):
     submission = prepare(folder, tmp_path / "work")
     assert not (submission.root / "link.txt").exists()
     assert not (submission.root / "model_best.pth").exists()
+
+
+def test_fifos_in_a_submission_folder_are_skipped_not_waited_on(tmp_path):
+    folder = tmp_path / "dave"
+    write_notebook(folder / "vggprune.ipynb")
+    os.mkfifo(folder / "model_notes.txt")  # copying it would block on open()
+    submission = prepare(folder, tmp_path / "work")
+    assert submission.notebooks["vggprune"] is not None
+    assert not os.path.lexists(submission.root / "model_notes.txt")

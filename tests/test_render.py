@@ -132,7 +132,9 @@ def test_full_result_renders_and_round_trips(tmp_path: Path) -> None:
     # Summary, truncation notes, the manual points and the info styling are there.
     assert "45 / 60" in html and "40 more points" in html
     assert "not your fault" in html
-    assert "earlier lines left out" in html and "line 199" in html and "line 170" not in html
+    # A long error keeps its first lines (the student's frames come first) and its end.
+    assert "lines in the middle left out" in html and "line 199" in html and "line 100" not in html
+    assert "line 0\n" in html and "RuntimeError: boom" in html
     assert "\x1b" not in html
     assert "70 line(s) left out" in html and "Train Epoch: 99" in html  # first 10 and last 20 of 100
     assert "Train Epoch: 50" not in html
@@ -194,18 +196,28 @@ def test_gradescope_results() -> None:
     result = full_result()
     gradescope = gradescope_results(result)
     assert gradescope["score"] == 45.0
-    assert len(gradescope["tests"]) == len(result["checks"])
+    assert gradescope["execution_time"] == 71 and gradescope["output_format"] == "text"
+    # Items graded by hand are Gradescope's manual questions: no 0/0 test for them.
+    automatic = [c for c in result["checks"] if c["status"] != "skip"]
+    assert len(gradescope["tests"]) == len(automatic)
     by_name = {t["name"]: t for t in gradescope["tests"]}
+    assert "Report: problems met [report-problems]" not in by_name
+    assert all(t["max_score"] > 0 or t["status"] != "passed" or t["score"] == 0 for t in gradescope["tests"])
+    assert "Graded by hand in Gradescope" in gradescope["output"] and "Report: problems met" in gradescope["output"]
     assert by_name["Blank: LAMBDA [blank-lambda]"] == {
         "name": "Blank: LAMBDA [blank-lambda]", "score": 5.0, "max_score": 5.0,
         "output": result["checks"][0]["message"], "status": "passed"}
     assert by_name["Fine-tuning [finetune]"]["status"] == "failed"
-    assert by_name["Report: problems met [report-problems]"]["max_score"] == 0.0
+    assert by_name["Fine-tuning [finetune]"]["output"].count("Not graded") == 1
     assert "bn-copy-bug" in gradescope["output"] and "bn-statistics-shift" in gradescope["output"]
     assert "not your fault" in gradescope["output"]
+    # The failure, a cause, comes before the diagnoses; its cell is numbered from 1.
+    assert gradescope["output"].index("Failure (kernel-died)") < gradescope["output"].index("Mistake: bn-copy-bug")
+    assert "train_prune_model.ipynb, cell 8" in gradescope["output"]
     json.dumps(gradescope)
     empty = gradescope_results({})
     assert empty["score"] == 0.0 and empty["tests"] == [] and isinstance(empty["output"], str)
+    assert "execution_time" not in empty and empty["output_format"] == "text"
 
 
 def test_executed_notebooks_are_linked_locally(tmp_path: Path) -> None:
