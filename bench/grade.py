@@ -30,10 +30,10 @@ from nbclient import NotebookClient
 
 from grader.execute import (STATE_FILE, RunResult, RunSpec, plan_notebook, read_notebook,
                             run_notebook, write_trusted_models)
-from grader.pipeline import grade, plan_runs, student_lambda
+from grader.pipeline import grade, own_paths, plan_runs, student_lambda
 from grader.schedule import execute_all
 from grader.prepare import prepare
-from reference.bundle import ensure_bundle
+from reference.store import resolve_bundle
 from reference.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,19 +74,24 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     profile = get_profile(args.profile)
-    bundle = ensure_bundle(profile)
+    bundle = resolve_bundle(profile).path
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         submission = prepare(args.submission, work / "submission")
-        plan = plan_runs(profile, bundle, "cpu", lambda: bundle / "sparse.pth",
-                         student_lambda(submission.notebooks["sparsity_train"]))
+
+        def sparse() -> Path:  # the probes' inputs cost what the reference checkpoint costs
+            return bundle / "sparse.pth"
+
+        plan = plan_runs(profile, bundle, "cpu", sparse, sparse,
+                         student_lambda(submission.notebooks["sparsity_train"]),
+                         {name: own_paths(path, name) for name, path in submission.notebooks.items()})
 
         def timed_runs(label: str, **options: object) -> float:
             started = time.monotonic()
             results = execute_all(plan, submission, work / label, profile, None, "cpu",
                                   args.workers, **options)
             seconds = time.monotonic() - started
-            if any(result is None or result.failure for result in results.values()):
+            if any(result is None or not result.usable for result in results.values()):
                 raise SystemExit(f"{label}: a run failed or did not run; the timing means nothing")
             shutil.rmtree(work / label)
             return seconds

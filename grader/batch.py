@@ -116,7 +116,7 @@ SUMMARY_TEXT_CHARS = 300
 FAILURE_KIND = "exception"
 FIXED_COLUMNS_BEFORE = ("student_id",)
 FIXED_COLUMNS_AFTER = ("total", "max_total", "hand_total", "final", "final_max", "status",
-                       "failures", "diagnoses", COMMENT, "duration_s", "report")
+                       "failures", "diagnoses", COMMENT, "duration_s", "report", "bundle")
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -138,11 +138,19 @@ def grade(submission_path: Path, out_dir: Path, profile, **options) -> dict:
 
 
 def ensure_reference(profile, cache_root: Path | None, data_root: Path | None,
-                     device: str | None) -> Path:
-    """Build (or find) the profile's expected bundle once, before any grading process starts."""
-    from reference.bundle import ensure_bundle
+                     device: str | None, bundle=None):
+    """The expected bundle every grading of the batch uses (``reference.store.Bundle``),
+    found and checked by its hash once, before any grading process starts; never built.
+    ``bundle``: a folder or archive (--bundle), None for the one shipped with the profile."""
+    from reference.store import resolve_bundle
 
-    return ensure_bundle(profile, cache_root, data_root, device)
+    return resolve_bundle(profile, bundle, cache_root)
+
+
+def bundle_fields(bundle) -> dict | None:
+    """What result.json records of a resolved bundle: hash, profile, source (None: unknown)."""
+    to_dict = getattr(bundle, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
 
 
 def grading_deadline_s(profile, grade_workers: int) -> float:
@@ -323,8 +331,9 @@ def failure_message(error: BaseException) -> str:
 
 
 def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail: str,
-                   duration_s: float, kind: str = FAILURE_KIND) -> dict:
-    """A result.json for a submission whose grading raised: every check an error, score 0."""
+                   duration_s: float, kind: str = FAILURE_KIND, bundle: dict | None = None) -> dict:
+    """A result.json for a submission whose grading raised: every check an error, score 0;
+    ``bundle`` (``bundle_fields``) names the expected bundle the grading was to use."""
     from grader import __version__
 
     checks = []
@@ -339,6 +348,7 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
     automatic = sum(c["max_points"] for c in checks if c["status"] != "skip")
     return {
         "slimgrade_version": __version__, "submission": sid, "profile": profile_name,
+        **({"bundle": bundle} if bundle else {}),
         "graded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(duration_s, 1), "score": 0.0, "max_score": automatic,
         "manual_max_points": sum(c["max_points"] for c in checks if c["status"] == "skip"),
@@ -403,6 +413,7 @@ class Task:
     parent_pid: int
     grade_function: Callable[..., dict]
     scratch: Path | None = None  # this grading's temporary folder (its work root goes there)
+    bundle: object = None  # the batch's resolved reference.store.Bundle: the same for every grading
 
 
 def abort_kernels() -> None:
@@ -461,7 +472,7 @@ def run_task(task: Task) -> None:
                                      data_root=task.data_root, device=task.device,
                                      workers=task.grade_workers, rubric_path=task.rubric_path,
                                      cache_root=task.cache_root, threads=task.threads,
-                                     run_cache=task.run_cache)
+                                     run_cache=task.run_cache, bundle=task.bundle)
         if not (task.partial / RESULT).is_file():
             if not isinstance(result, dict):
                 raise TypeError("the grading returned no result and wrote no result.json")
@@ -470,7 +481,8 @@ def run_task(task: Task) -> None:
     except Exception as error:  # noqa: BLE001 - one submission never stops the batch
         record_failure(task.partial, task.sid, getattr(task.profile, "name", str(task.profile)),
                        read_rubric(task.rubric_path), failure_message(error),
-                       traceback.format_exc(), time.monotonic() - started)
+                       traceback.format_exc(), time.monotonic() - started,
+                       bundle=bundle_fields(task.bundle))
     finally:  # also when stopped (SIGTERM); the batch removes it too, should we be killed
         if task.scratch is not None:
             shutil.rmtree(task.scratch, ignore_errors=True)
@@ -478,13 +490,14 @@ def run_task(task: Task) -> None:
 
 
 def record_failure(partial: Path, sid: str, profile_name: str, rubric: dict, message: str,
-                   tail: str, duration_s: float, kind: str = FAILURE_KIND) -> None:
+                   tail: str, duration_s: float, kind: str = FAILURE_KIND,
+                   bundle: dict | None = None) -> None:
     """A failure result in ``partial``; notebooks the grading already wrote are kept."""
     partial.mkdir(parents=True, exist_ok=True)
     for name in (RESULT, REPORT):
         (partial / name).unlink(missing_ok=True)
     write_failure(partial, failure_result(sid, profile_name, rubric, message, tail, duration_s,
-                                          kind))
+                                          kind, bundle))
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -685,6 +698,7 @@ class Gradebook:
         row["diagnoses"] = ";".join(dict.fromkeys(
             str(d.get("id")) for d in _list(result.get("diagnoses")) if isinstance(d, dict)))
         row["duration_s"] = _number(result.get("duration_s"))
+        row["bundle"] = _dict(result.get("bundle")).get("hash")
         return row
 
     def _report(self, sid: str) -> str:
@@ -969,8 +983,11 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
                 device: str | None = None, workers: int = 1, force: bool = False,
                 rubric_path: Path | None = None, cache_root: Path | None = None,
                 run_cache: Path | None = None, only: list[str] | None = None,
-                exclude: list[str] | None = None, stream=None) -> list[dict]:
+                exclude: list[str] | None = None, stream=None, bundle=None) -> list[dict]:
     """Grade every submission of ``class_dir`` into ``out``; the gradebook rows, in id order.
+
+    ``bundle`` (--bundle: a folder or archive; None: the one shipped with the profile) is
+    resolved once and every grading process gets that same checked folder.
 
     Submissions already graded (``out/<id>/result.json``) are skipped unless ``force``;
     ``only`` grades just the hand-ins it names, again; ``exclude`` leaves out hand-ins whose
@@ -978,23 +995,9 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
     notebooks across submissions. Progress goes to ``stream`` (default stderr).
     """
     class_dir, out = Path(class_dir).resolve(), Path(out).resolve()
-    if not class_dir.is_dir():
-        raise BatchError(f"{class_dir} is not a folder: give the folder that holds one folder "
-                         "or .zip per student.")
     if workers < 1:
         raise BatchError(f"--workers must be at least 1 (got {workers}).")
-    top = top_level_notebooks(class_dir)
-    if top:
-        raise BatchError(f"{class_dir} is one student's submission (it holds {', '.join(top)}), "
-                         f"not a class: grade it with 'slimgrade grade {class_dir}', or give the "
-                         "folder that holds one folder or .zip per student.")
-    found = find_submissions(class_dir, out)
-    entries, chosen = select_entries(found, only, exclude, class_dir)
-    if not entries:
-        raise BatchError(
-            f"{class_dir} holds no hand-in (no folder or .zip inside): give the folder that holds "
-            "one folder or .zip per student." if not found else
-            f"--exclude leaves out every hand-in of {class_dir} ({len(found)}): nothing to grade.")
+    entries, chosen = class_entries(class_dir, out, only, exclude)
     out.mkdir(parents=True, exist_ok=True)
     rubric = read_rubric(rubric_path)
     profile_name = getattr(profile, "name", str(profile))
@@ -1009,15 +1012,53 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
             e.id in chosen if only else force or not is_finished(out, e.id))]
         book.write()
         if pending:
-            ensure_reference(profile, cache_root, data_root, device)
+            resolved = ensure_reference(profile, cache_root, data_root, device, bundle)
+            _warn_other_bundles(book, resolved, stream)
             _Scheduler(book, pending, profile, workers=workers, data_root=data_root, device=device,
                        rubric_path=rubric_path, cache_root=cache_root, run_cache=run_cache,
-                       stream=stream).run()
+                       stream=stream, bundle=resolved).run()
         else:
             _say(stream, f"nothing to grade: {len(entries) - len(empty)} hand-in(s) already graded"
                          f"{', ' + str(len(empty)) + ' without a submission' if empty else ''} "
                          "(--force grades them all again, --only ID... a few).")
         return book.rows()
+
+
+def class_entries(class_dir: Path, out: Path, only: list[str] | None = None,
+                  exclude: list[str] | None = None) -> tuple[list[Entry], set[str]]:
+    """The hand-ins a batch lists and the ids ``only`` names; BatchError (a usage error, one
+    sentence) for a folder that is not a class: missing, empty, or one student's hand-in."""
+    class_dir, out = Path(class_dir).resolve(), Path(out).resolve()
+    if not class_dir.is_dir():
+        raise BatchError(f"{class_dir} is not a folder: give the folder that holds one folder "
+                         "or .zip per student.")
+    top = top_level_notebooks(class_dir)
+    if top:
+        raise BatchError(f"{class_dir} is one student's submission (it holds {', '.join(top)}), "
+                         f"not a class: grade it with 'slimgrade grade {class_dir}', or give the "
+                         "folder that holds one folder or .zip per student.")
+    found = find_submissions(class_dir, out)
+    entries, chosen = select_entries(found, only, exclude, class_dir)
+    if not entries:
+        raise BatchError(
+            f"{class_dir} holds no hand-in (no folder or .zip inside): give the folder that holds "
+            "one folder or .zip per student." if not found else
+            f"--exclude leaves out every hand-in of {class_dir} ({len(found)}): nothing to grade.")
+    return entries, chosen
+
+
+def _warn_other_bundles(book: Gradebook, bundle, stream) -> None:
+    """Say which results kept from an earlier run were graded against another bundle."""
+    fields = bundle_fields(bundle)
+    if not fields:
+        return
+    other = [sid for sid, result in book.results.items() if result and
+             _dict(result.get("bundle")).get("hash") not in (None, fields["hash"])]
+    if other:
+        _say(stream, f"{len(other)} result(s) kept from an earlier run ({', '.join(other[:5])}"
+                     f"{', ...' if len(other) > 5 else ''}) were graded against another expected "
+                     f"bundle than this one ({fields['hash'][:12]}): --force grades them again "
+                     "(the gradebook's bundle column shows each one's).")
 
 
 def _say(stream, text: str) -> None:
@@ -1068,14 +1109,15 @@ class _Scheduler:
     """Up to ``workers`` grading processes at once; the gradebook rewritten as each ends."""
 
     def __init__(self, book: Gradebook, pending: list[Entry], profile, *, workers: int,
-                 data_root, device, rubric_path, cache_root, run_cache, stream=None):
+                 data_root, device, rubric_path, cache_root, run_cache, stream=None, bundle=None):
         self.book, self.queue, self.profile, self.workers = book, list(pending), profile, workers
         self.stream = stream
         self.options = {"data_root": Path(data_root).resolve() if data_root else None,
                         "device": device,
                         "rubric_path": Path(rubric_path).resolve() if rubric_path else None,
                         "cache_root": Path(cache_root).resolve() if cache_root else None,
-                        "run_cache": Path(run_cache).resolve() if run_cache else None}
+                        "run_cache": Path(run_cache).resolve() if run_cache else None,
+                        "bundle": bundle}
         self.stop = threading.Event()
         # Each running grading holds a slot, and the slot its share of the GPUs.
         self.gpus = gpu_shares(device, workers)
@@ -1181,13 +1223,15 @@ class _Scheduler:
             record_failure(partial, entry.id, self.book.profile_name, self.book.rubric,
                            f"The grading took longer than {grading.limit_s:.0f} s, the limit for "
                            "one submission under this profile, and was stopped.", "",
-                           grading.limit_s, kind=TIMEOUT_KIND)
+                           grading.limit_s, kind=TIMEOUT_KIND,
+                           bundle=bundle_fields(self.options["bundle"]))
             commit(partial, self.book.out / entry.id)
         else:
             # The grading process died before it could record anything: record it here.
             record_failure(partial, entry.id, self.book.profile_name, self.book.rubric,
                            "The grading process ended unexpectedly "
-                           f"({_exit_description(process.exitcode)}).", "", 0.0)
+                           f"({_exit_description(process.exitcode)}).", "", 0.0,
+                           bundle=bundle_fields(self.options["bundle"]))
             commit(partial, self.book.out / entry.id)
         self.book.load(entry.id)
         self.book.write()

@@ -1,7 +1,9 @@
 """``slimgrade``: grade, check, batch, reference.
 
 Exit codes: 0 when a grade (or bundle) was produced, whatever the score; 2 for
-bad usage (a wrong path, a missing data root); 1 when the harness itself failed.
+bad usage (a wrong path, a missing data root, no expected bundle matching the profile, a
+bundle whose hash does not match); 1 when the harness itself failed; 3 when
+``reference --verify`` finds a rebuild drifting past the tolerances (reference/drift.py).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-USAGE_ERROR, HARNESS_ERROR = 2, 1
+USAGE_ERROR, HARNESS_ERROR, DRIFT_FOUND = 2, 1, 3
 STATUS_MARK = {"pass": "ok  ", "fail": "FAIL", "error": "ERR ", "skip": "hand"}
 
 
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimgrade", description=(
         "Grades the network-slimming pruning lab: runs the notebooks, finds which mistake was "
         "made and explains it."), epilog="Exit codes: 0 a grade was produced (whatever the "
-        "score), 2 bad usage, 1 the harness itself failed.")
+        "score), 2 bad usage, 1 the harness itself failed, 3 'reference --verify' found a "
+        "rebuild drifting past its tolerances.")
     parser.add_argument("--version", action="version", version=f"slimgrade {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # The same flag after the command; SUPPRESS: not given there, it leaves the one above alone.
@@ -157,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--device", type=device, default=None,
                              help="cpu, cuda or cuda:N (default: CUDA when present)")
         command.add_argument("--cache", type=output_folder, default=None,
-                             help="where expected bundles are cached (default: ~/.cache/slimgrade)")
+                             help="where --bundle archives are unpacked (default: ~/.cache/slimgrade)")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[anywhere], help=help, description=help)
+
+    def bundle_option(command: argparse.ArgumentParser, what: str) -> None:
+        command.add_argument("--bundle", type=existing_path, default=None, metavar="DIR", help=(
+            f"{what}: a folder 'slimgrade reference --out' wrote, or a .tar.gz/.zip of it, "
+            "checked by its hash (default: the bundle shipped for the profile)"))
 
     grade = add("grade", "grade one submission (folder or .zip)")
     grade.add_argument("path", type=existing_path)
@@ -173,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(grade, "quick")
+    bundle_option(grade, "the expected bundle to grade against")
 
     check = add("check", "check your own lab folder before handing it in")
     check.add_argument("path", type=existing_path, nargs="?", default=Path("."))
     check.add_argument("--out", type=output_folder, default=Path("slimgrade-check"))
     common(check, "quick")
+    bundle_option(check, "the expected bundle to grade against")
 
     batch = add("batch", "grade every submission in a folder")
     batch.add_argument("path", type=existing_folder)
@@ -193,10 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(batch, "quick")
+    bundle_option(batch, "the expected bundle every grading uses")
 
-    reference = add("reference", "build a profile's expected bundle")
-    reference.add_argument("--out", type=output_folder, required=True)
+    reference = add("reference", "build a profile's expected bundle, or check a rebuild's drift")
+    reference.add_argument("--out", type=output_folder, default=None,
+                           help="the folder to write the bundle into (with --verify: keep the "
+                                "rebuild there)")
+    reference.add_argument("--verify", action="store_true",
+                           help="rebuild the bundle and compare it with the shipped one (or "
+                                "--bundle) within documented tolerances; exit 3 past them")
     common(reference, "quick")
+    bundle_option(reference, "with --verify, the bundle to compare the rebuild with")
     return parser
 
 
@@ -213,6 +230,13 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             find_cifar_folder(args.data_root)
         except DataError as error:
             parser.error(str(error))
+    if args.command == "batch":
+        from grader.batch import BatchError, class_entries
+
+        try:
+            class_entries(args.path, args.out, args.only, args.exclude)
+        except BatchError as error:
+            parser.error(str(error))
     if args.command in ("grade", "check"):
         from grader.prepare import several_submissions
 
@@ -224,21 +248,42 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                          f"one with 'slimgrade {args.command} {args.path / students[0]}'.")
 
 
+def check_bundle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Find and check the expected bundle before anything runs (``args.found_bundle``): a
+    hash that does not match, another profile's bundle or none at all is a usage error."""
+    from reference.profiles import get_profile
+    from reference.store import BundleError, resolve_bundle
+
+    if args.command == "reference" and not args.verify:
+        if args.out is None:
+            parser.error("give --out DIR, the folder to write the bundle into (or --verify to "
+                         "rebuild it and compare the rebuild with the shipped bundle).")
+        if args.bundle is not None:
+            parser.error("--bundle names the bundle to compare a rebuild with: use it with --verify.")
+        return
+    try:
+        args.found_bundle = resolve_bundle(get_profile(args.profile), args.bundle, args.cache)
+    except BundleError as error:
+        parser.error(str(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:  # argparse exits (2 for bad usage, 0 for --help and --version); main returns instead
         args = parser.parse_args(argv)
         check_usage(parser, args)
+        check_bundle(parser, args)
     except SystemExit as leaving:
         return leaving.code if isinstance(leaving.code, int) else USAGE_ERROR
     from grader.checkpoints import CheckpointError
     from grader.prepare import PrepareError
     from reference.data import DataError
+    from reference.store import BundleError
 
     previous = _stop_on_signals()
     try:
         return COMMANDS[args.command](args)
-    except (PrepareError, DataError, CheckpointError) as error:
+    except (PrepareError, DataError, CheckpointError, BundleError) as error:
         print(f"slimgrade: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -298,22 +343,29 @@ def _run_progress(desc: str, profile, what: str):
 
 
 def run_grade(args: argparse.Namespace) -> int:
-    from grader.pipeline import grade
-    from grader.prepare import PrepareError
+    from grader.prepare import PrepareError, hand_in_problem
     from grader.render import gradescope_results
 
     profile = _profile(args)
-    progress, tick = _run_progress(f"grading {args.path.name}", profile, f"grading {args.path}")
-    try:
-        with progress:
-            result = grade(args.path, args.out, profile, args.data_root, args.device,
-                           args.workers, args.rubric, args.cache, on_progress=tick,
-                           run_cache=args.run_cache)
-    except PrepareError as error:
-        # The path exists (checked while parsing): what is wrong is the hand-in itself (a
-        # .zip that does not open, no lab notebook). That is the student's, and it gets a
-        # grade of 0 with the reason, like a batch gives it, not a usage error.
-        result = not_graded(args.path, args.out, profile.name, args.rubric, str(error))
+    # The path exists (checked while parsing): what may be wrong is the hand-in itself (a
+    # .zip that does not open, no lab notebook). That is the student's, and it gets a grade
+    # of 0 with the reason, as in a batch, not a usage error.
+    problem = hand_in_problem(args.path)
+    if problem:
+        result = not_graded(args.path, args.out, profile.name, args.rubric, problem,
+                            args.found_bundle.to_dict())
+    else:
+        from grader.pipeline import grade
+
+        progress, tick = _run_progress(f"grading {args.path.name}", profile, f"grading {args.path}")
+        try:
+            with progress:
+                result = grade(args.path, args.out, profile, args.data_root, args.device,
+                               args.workers, args.rubric, args.cache, on_progress=tick,
+                               run_cache=args.run_cache, bundle=args.found_bundle)
+        except PrepareError as error:
+            result = not_graded(args.path, args.out, profile.name, args.rubric, str(error),
+                                args.found_bundle.to_dict())
     if args.format == "gradescope":
         (args.out / "results.json").write_text(json.dumps(gradescope_results(result), indent=1))
     print(f"{result['submission']}: {result['score']:g}/{result['max_score']:g} "
@@ -322,13 +374,14 @@ def run_grade(args: argparse.Namespace) -> int:
 
 
 def not_graded(path: Path, out: Path, profile_name: str, rubric_path: Path | None,
-               message: str) -> dict:
+               message: str, bundle: dict | None = None) -> dict:
     """The result of a hand-in that cannot be graded at all: 0 points, the reason as its failure."""
     from grader.batch import failure_result, read_rubric, student_id, write_failure
 
     print(f"slimgrade: {message}", file=sys.stderr)
     result = failure_result(student_id(path.resolve().name), profile_name,
-                            read_rubric(rubric_path), " ".join(message.split()), "", 0.0)
+                            read_rubric(rubric_path), " ".join(message.split()), "", 0.0,
+                            bundle=bundle)
     write_failure(Path(out), result)
     return result
 
@@ -340,7 +393,7 @@ def run_check(args: argparse.Namespace) -> int:
     progress, tick = _run_progress("checking your lab", profile, f"checking {args.path.resolve()}")
     with progress:
         result = grade(args.path, args.out, profile, args.data_root, args.device,
-                       on_progress=tick)
+                       on_progress=tick, bundle=args.found_bundle)
     print(summary_text(result))
     print(f"\nFull report: {(args.out / 'report.html').resolve()}")
     return 0
@@ -375,13 +428,16 @@ def run_batch(args: argparse.Namespace) -> int:
     rows = grade_class(args.path, args.out, _profile(args), data_root=args.data_root,
                        device=args.device, workers=args.workers, force=args.force,
                        rubric_path=args.rubric, cache_root=args.cache, run_cache=args.run_cache,
-                       only=args.only, exclude=args.exclude)
+                       only=args.only, exclude=args.exclude, bundle=args.found_bundle)
     print(batch_summary(rows, args.out))
     return 0
 
 
 def run_reference(args: argparse.Namespace) -> int:
+    if args.verify:
+        return verify_reference(args)
     from reference.bundle import build_bundle
+    from reference.store import recorded_hash
 
     manifest = build_bundle(_profile(args), args.out, args.data_root, args.device)
     sparse = manifest["sparsity"]
@@ -390,7 +446,39 @@ def run_reference(args: argparse.Namespace) -> int:
           + ", ".join(f"pruned {r}: {e['accuracy_pruned']:.1f}% (recalibrated "
                       f"{e['accuracy_recalibrated']:.1f}%)" for r, e in manifest["prune"].items())
           + f", fine-tuned {manifest['finetune']['best_prec1']:.1f}%.")
+    print(f"Its hash is {recorded_hash(args.out)} (in {args.out / 'BUNDLE-HASH'}): grade with "
+          f"--profile {args.profile} --bundle {args.out}, or give that flag a .tar.gz of the "
+          "folder; never change a file in it.")
     return 0
+
+
+def verify_reference(args: argparse.Namespace) -> int:
+    """Rebuild the profile's bundle and report its drift from the one grading uses."""
+    import shutil
+    import tempfile
+
+    from reference.bundle import build_bundle
+    from reference.drift import compare_bundles, drift_table
+
+    baseline = args.found_bundle
+    rebuilt = args.out or Path(tempfile.mkdtemp(prefix="slimgrade-verify-"))
+    try:
+        build_bundle(_profile(args), rebuilt, args.data_root, args.device)
+        rows = compare_bundles(baseline.path, rebuilt)
+    finally:
+        if args.out is None:
+            shutil.rmtree(rebuilt, ignore_errors=True)
+    print(drift_table(rows, judged_only=True))
+    drifted = [row.figure for row in rows if row.ok is False]
+    unjudged = sum(1 for row in rows if row.ok is None)
+    name = "the shipped bundle" if baseline.source == "shipped" else baseline.source
+    print(f"\nRebuilt the {args.profile} bundle and compared it with {name} "
+          f"({baseline.hash[:12]}): {len(rows) - unjudged} figures judged, {unjudged} not "
+          "compared (environment, per-epoch histories, histograms); " + (
+              f"{len(drifted)} past their tolerance ({', '.join(drifted[:6])}"
+              f"{', ...' if len(drifted) > 6 else ''})." if drifted else
+              "all within tolerance (docs/design.md, \"Bundles\")."))
+    return DRIFT_FOUND if drifted else 0
 
 
 COMMANDS = {"grade": run_grade, "check": run_check, "batch": run_batch, "reference": run_reference}

@@ -295,6 +295,13 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
             k for k, (a, b) in enumerate(zip(masks, strategies["correct"][0])) if not np.array_equal(a, b)]
         facts["kept_not_top_k"] = _kept_not_top_k(masks, original, profile.min_channels,
                                                    strategies["correct-without-min-rule"][0])
+        # Masks that keep nearly everything and match no known mistake do not prune: the
+        # copy is then judged against the correct masks, or saving the input unchanged with
+        # masks of all ones would pass every copy blank.
+        kept_share = sum(facts["student_kept"]) / max(1, sum(widths))
+        if strategy is None and kept_share > 1 - ratio / 2:
+            facts["masks_not_pruning"] = True
+            masks = strategies["correct"][0]
     try:
         checkpoint = load_student_checkpoint(work_dir / checkpoint_name, ("cfg", "state_dict"),
                                              base=work_dir)  # no link on the way either
@@ -429,6 +436,45 @@ BALANCED_MIN_KEPT = 3
 
 def _bn_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
     return [k[: -len(".running_var")] for k in state if k.endswith(".running_var")]
+
+
+# Each channel's gamma and beta are scaled by a factor in this range (its readers by the
+# inverse) when an input is disguised: enough to reorder close |gamma|, never to cut a layer.
+DISGUISE_SCALE = (0.8, 1.25)
+
+
+def disguised_state(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The same network, its channels shuffled and rescaled within each layer.
+
+    The pruning runs' input would otherwise be the same for everyone, so a notebook could
+    carry precomputed answers and look them up by the input's hash. Permuting a layer's
+    channels (its conv's outputs, its BN tensors, and the inputs of what reads it) and
+    scaling gamma and beta by c > 0 with the readers' weights by 1/c keeps the function
+    the network computes (ReLU and max-pooling commute with both); the masks a correct
+    prune gives follow the channels. ``seed`` comes from the submission, so a grading is
+    reproducible on any machine.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    edited = {k: v.clone() for k, v in state.items()}
+    prefixes = _bn_prefixes(edited)
+    convs = [k for k, v in edited.items() if k.startswith("feature.") and v.dim() == 4]
+    readers = [*convs[1:], "classifier.weight"]
+    low, high = DISGUISE_SCALE
+    for layer, prefix in enumerate(prefixes):
+        width = edited[f"{prefix}.weight"].numel()
+        order = torch.randperm(width, generator=generator)
+        factor = low + (high - low) * torch.rand(width, generator=generator, dtype=torch.float64)
+        edited[convs[layer]] = edited[convs[layer]][order]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            edited[f"{prefix}.{name}"] = edited[f"{prefix}.{name}"][order]
+        edited[readers[layer]] = edited[readers[layer]][:, order]
+        scale = factor.to(edited[f"{prefix}.weight"].dtype)
+        edited[f"{prefix}.weight"] = edited[f"{prefix}.weight"] * scale
+        edited[f"{prefix}.bias"] = edited[f"{prefix}.bias"] * scale
+        reader = edited[readers[layer]]
+        shape = [1, width] + [1] * (reader.dim() - 2)
+        edited[readers[layer]] = reader / scale.view(shape)
+    return {k: v.contiguous() for k, v in edited.items()}
 
 
 def balanced_prune_state(state: dict[str, torch.Tensor], ratio: float,

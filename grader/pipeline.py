@@ -8,6 +8,7 @@ cores) by default.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import posixpath
 import shutil
@@ -19,13 +20,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import torch
 
 from grader import __version__
 from grader.checkpoints import CheckpointError, load_student_checkpoint, state_dict_of
 from grader.diagnose import diagnose
 from grader.evaluate import (EDGE_RATIO, TrustedData, balanced_prune_state, compare_sparsity,
-                             edge_case_state, finetune_facts, prune_facts, safely,
+                             disguised_state, edge_case_state, finetune_facts, prune_facts, safely,
                              sparsity_facts)
 from grader.execute import Failure, RunResult, literal_assignments, parse_cell, read_notebook
 from grader.prepare import Submission, prepare
@@ -35,12 +37,13 @@ from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
 from grader.schedule import PlannedRun, execute_all
 from grader.score import load_rubric, score
-from grader.untrusted import UntrustedFileError
-from reference.bundle import (FINETUNE, SPARSE, SPARSE_LAMBDA0, ensure_bundle, environment,
-                              load_checkpoint, load_manifest, loaders, prune_file)
+from grader.untrusted import MAX_NOTEBOOK_BYTES, UntrustedFileError, read_bytes
+from reference.bundle import (FINETUNE, SPARSE, SPARSE_LAMBDA0, environment, load_checkpoint,
+                              load_manifest, loaders, prune_file)
 from reference.data import load_dataset
 from reference.model import scaled_cfg
 from reference.profiles import Profile
+from reference.store import Bundle, resolve_bundle
 
 WEIGHT_PATH, PRUNE_PATH, FINETUNE_PATH = "model_best.pth", "model_prune.pth", "model_prune_finetune.pth"
 KNOWN_PRINTED = ("Test set: Accuracy", "PRUNE RATIO", "LOADING CHECKPOINT", "layer index",
@@ -70,6 +73,18 @@ def student_lambda(notebook: Path | None) -> float | None:
         return None
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return float(numbers[-1]) if numbers else None
+
+
+def probe_seed(notebook: Path | None) -> int:
+    """The seed that disguises the pruning runs' input: from the bytes of the notebook that
+    reads it, so answers cannot be precomputed into it and a regrade gives the same input."""
+    digest = hashlib.sha256()
+    if notebook is not None:
+        try:
+            digest.update(read_bytes(notebook, MAX_NOTEBOOK_BYTES))
+        except UntrustedFileError:
+            pass
+    return int.from_bytes(digest.digest()[:8], "big")
 
 
 # The course's names of the checkpoint each notebook reads and writes (LAB.md section 1).
@@ -260,7 +275,22 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
     if chained_finetune is not None:
         chained["finetune"] = chained_finetune
     evaluation["reference"] = reference_summary(manifest, profile)
+    evaluation["gamma_quantiles"] = gamma_quantiles({
+        "sparsity": (lam or {}).get("gammas"), "sparsity-lambda0": (lam0 or {}).get("gammas"),
+        **{f"prune-{r}": _bn_weights(prune_state) for r in profile.prune_ratios}})
     return evaluation
+
+
+def _bn_weights(state: dict) -> list[float]:
+    return [float(v) for k, t in state.items() if k.endswith(".weight") and
+            f"{k[:-len('.weight')]}.running_var" in state for v in t.flatten()]
+
+
+def gamma_quantiles(gammas: dict[str, list[float] | None]) -> dict[str, list[float]]:
+    """Quantiles (0, 0.5, 0.9, 1) of |gamma| of the model each run plotted or should plot,
+    as the kernel's record of a hist() call gives them (grader.runtime)."""
+    return {run_id: np.quantile(np.abs(np.asarray(values, dtype=float)), [0, 0.5, 0.9, 1]).tolist()
+            for run_id, values in gammas.items() if values}
 
 
 def _own_state(path: Path) -> dict | None:
@@ -346,7 +376,8 @@ def split_failures(results: dict[str, RunResult | None]) -> tuple[list[dict], li
                               "explanation": f"This happened only on {why}."})
         else:
             failures.setdefault((f.notebook, f.kind, f.message), entry)
-    return list(failures.values()), list(notes.values())
+    # A failure the reference input met too did not happen "only" on the probe or chain.
+    return list(failures.values()), [n for key, n in notes.items() if key not in failures]
 
 
 def _failure_fields(run_id: str, f: Failure) -> dict:
@@ -430,8 +461,12 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
           device: str | None = None, workers: int = 2, rubric_path: Path | None = None,
           cache_root: Path | None = None, keep_work: bool = False,
           on_progress: Callable[[str], None] | None = None, run_cache: Path | None = None,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, bundle: Bundle | Path | str | None = None) -> dict:
     """Grade one submission and write result.json, report.html and the executed notebooks.
+
+    ``bundle`` is the expected bundle (``reference.store.resolve_bundle``: a folder, an
+    archive, a Bundle resolved before; None: the one shipped for the profile). It is
+    checked by its content hash, never built here, and named in result.json.
 
     ``threads`` is each kernel's torch thread count; pass it when several gradings share
     the machine (by default the cores are shared among this grading's ``workers``).
@@ -442,7 +477,8 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
     work_root = Path(tempfile.mkdtemp(prefix="slimgrade-"))
     try:
         submission = prepare(Path(submission_path), work_root)
-        bundle = ensure_bundle(profile, cache_root, data_root, device)
+        found = resolve_bundle(profile, bundle, cache_root)
+        bundle = found.path
         manifest = load_manifest(bundle)
         dataset = load_dataset(profile.dataset, data_root)
         train_loader, test_loader = loaders(profile, dataset, torch.device(device), profile.seed)
@@ -450,8 +486,10 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
                       (SPARSE, SPARSE_LAMBDA0, FINETUNE, *map(prune_file, profile.prune_ratios))}
         data = TrustedData(profile, manifest, bundle, train_loader, test_loader, references)
         sparse_checkpoint = load_checkpoint(bundle / SPARSE)
-        prune_state = balanced_prune_state(sparse_checkpoint["state_dict"], max(profile.prune_ratios))
-        edge_state, _ = edge_case_state(sparse_checkpoint["state_dict"])
+        disguised = disguised_state(sparse_checkpoint["state_dict"],
+                                    probe_seed(submission.notebooks.get("vggprune")))
+        prune_state = balanced_prune_state(disguised, max(profile.prune_ratios))
+        edge_state, _ = edge_case_state(disguised)
 
         def probe_input(name: str, checkpoint: dict) -> Callable[[], Path]:
             def path() -> Path:
@@ -486,7 +524,7 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
                       "cell_index": None, "error_tail": ""} for name in submission.missing]
         result = {
             "slimgrade_version": __version__, "submission": submission.name,
-            "profile": profile.name,
+            "profile": profile.name, "bundle": found.to_dict(),
             "graded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "duration_s": round(time.monotonic() - started, 1),
             "score": total, "max_score": max_total,

@@ -156,3 +156,24 @@ def several_submissions(folder: Path) -> list[str]:
                if (p.is_dir() or p.suffix.lower() == ".zip") and (found := lab_notebooks_in(p))}
     counts = [sum(name in found for found in holding.values()) for name in NOTEBOOKS]
     return sorted(holding) if max(counts, default=0) > 1 else []
+
+
+def hand_in_problem(submission: Path) -> str | None:
+    """Why an existing folder or file cannot be graded at all (one sentence, the student's to
+    fix: a .zip that does not open, none of the lab's notebooks), else None. Read only."""
+    submission = Path(submission)
+    if submission.is_file():
+        if not zipfile.is_zipfile(submission):
+            return (f"{submission} is not a readable .zip file: zip the folder again." if
+                    submission.suffix.lower() == ".zip" else
+                    f"{submission} is neither a folder nor a .zip file: give the folder (or .zip) "
+                    "that holds sparsity_train.ipynb, vggprune.ipynb and train_prune_model.ipynb.")
+        try:
+            with zipfile.ZipFile(submission) as bundle:
+                bundle.infolist()
+        except (OSError, zipfile.BadZipFile):
+            return f"{submission} is not a readable .zip file: zip the folder again."
+    if not lab_notebooks_in(submission):
+        return (f"{submission} holds none of the lab's notebooks ("
+                + ", ".join(f"{n}.ipynb" for n in NOTEBOOKS) + "): check the folder.")
+    return None

@@ -175,7 +175,7 @@ def gradescope_results(result: dict) -> dict:
             else:
                 lines.append(f"  - {item['run']}:")
                 lines += [f"      {d}" for d in item["details"]]
-    for note in _failures(result, "profile_notes"):
+    for note in _profile_notes(result, failures):
         where = f", cell {note['cell']}" if note["cell"] else ""
         lines += ["", f"Not counted: {note['notebook']}{where}", f"  {note['message']}",
                   f"  {note['explanation']}"]
@@ -340,7 +340,7 @@ def report_view(result: dict, out_dir: Path | None = None) -> dict:
         "warnings": [d for d in diagnoses if d["severity"] == "warning"],
         "infos": [d for d in diagnoses if d["severity"] == "info"],
         "profile_changes": _profile_changes(result),
-        "profile_notes": _failures(result, "profile_notes", out_dir),
+        "profile_notes": _profile_notes(result, failures, out_dir),
         "pruning": _pruning(metrics),
         "sparsity": _sparsity(metrics),
         "accuracy_rows": _accuracy_rows(metrics),
@@ -522,11 +522,23 @@ def _tail(value: object) -> tuple[str, str]:
     return text, "; ".join(notes)
 
 
+def _profile_notes(result: dict, failures: list[dict], out_dir: Path | None = None) -> list[dict]:
+    """The notes that cost nothing, less any that repeats a counted failure (a notebook that
+    failed on its reference input too did not fail "only on the probe")."""
+    counted = {(f["notebook"], f["kind"], f["message"]) for f in failures}
+    return [n for n in _failures(result, "profile_notes", out_dir)
+            if (n["notebook"], n["kind"], n["message"]) not in counted]
+
+
 def _failed_runs(result: dict, failures: list[dict]) -> dict[tuple, list[str]]:
     """{(notebook, kind, message) of a counted failure: the runs it happened in}. A failure
-    is listed once however many runs met it; the runs are counted here, from metrics.runs."""
+    is listed once however many runs met it; the runs are counted here, from metrics.runs
+    (a run whose failure is a note that costs nothing is not counted)."""
     counted = {(f["notebook"], f["kind"], f["message"]): [] for f in failures}
+    noted = {(n["run"], n["message"]) for n in _profile_notes(result, failures)}
     for run_id, raw in _dict(_dict(result.get("metrics")).get("runs")).items():
+        if (_text(run_id, 100), _text(_dict(_dict(raw).get("failure")).get("message"))) in noted:
+            continue
         failure = _dict(_dict(raw).get("failure"))
         key = (_text(failure.get("notebook"), 300) or NOT_AVAILABLE,
                _text(failure.get("kind"), 100) or "unknown", _text(failure.get("message")))

@@ -145,20 +145,33 @@ def update_bn(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Out
 
 
 GAMMA_PLOT_RUNS = ("sparsity", "prune-0.5", "prune-0.9")
+# A plotted |gamma| quantile within this share (plus an absolute slack) of the run's own model:
+# the plotted model may be the last epoch's, the checkpoint the best epoch's.
+QUANTILE_TOLERANCE = (0.35, 0.01)
+
+
+def _plots_the_gammas(histogram: dict, reference: list[float] | None, channels: int) -> bool:
+    """One value per BN channel, with the median and 90th percentile of the run's |gamma|."""
+    if histogram["values"] != channels or not reference:
+        return False
+    share, slack = QUANTILE_TOLERANCE
+    return all(abs(histogram["quantiles"][i] - reference[i]) <= share * reference[i] + slack
+               for i in (1, 2))
 
 
 @check("gamma-plot", GAMMA_PLOT_RUNS)
 def gamma_plot(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    """Automatic only when a histogram holds one value per BN channel of the network; other
+    """Automatic only when a histogram holds the |gamma| of the run's own network; other
     figures are left to the TA (a picture alone proves nothing: a 1x1 image is a figure)."""
-    runs = [evaluation["runs"].get(r, {}) for r in GAMMA_PLOT_RUNS]
     channels = evaluation["reference"]["bn_channels"]
-    if any(h["values"] == channels for run in runs for h in run.get("histograms", [])):
+    quantiles = evaluation.get("gamma_quantiles", {})
+    if any(_plots_the_gammas(h, quantiles.get(run_id), channels) for run_id in GAMMA_PLOT_RUNS
+           for h in evaluation["runs"].get(run_id, {}).get("histograms", [])):
         return 1.0, f"A histogram of the |gamma| of all {channels} BN channels is drawn."
-    figures = sum(len(run.get("images", [])) for run in runs)
+    figures = sum(len(evaluation["runs"].get(r, {}).get("images", [])) for r in GAMMA_PLOT_RUNS)
     if figures:
-        return None, (f"{figures} figure(s) drawn, none of them a histogram of all {channels} "
-                      "|gamma| values: graded by hand from the notebook.")
+        return None, (f"{figures} figure(s) drawn, none of them recognised as a histogram of the "
+                      f"network's {channels} |gamma| values: graded by hand from the notebook.")
     return 0.0, "No figure of the gammas is drawn: plot the histogram of |gamma| of every BN layer."
 
 

@@ -13,23 +13,17 @@ Layout of a bundle folder::
 A bundle is identified by its content hash, and a grading never trains one: the quick
 profile's bundle ships with the package (``reference/bundles/quick/``), any other is built
 once with ``slimgrade reference --profile P --out DIR`` and given as ``--bundle DIR`` (or a
-.tar.gz/.zip archive of that folder). ``resolve_bundle`` finds, checks and names it.
+.tar.gz/.zip archive of that folder). ``reference.store.resolve_bundle`` finds, checks and
+names it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import secrets
-import shutil
-import stat
 import sys
-import tarfile
-import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -38,10 +32,10 @@ from reference.metrics import checkpoint_bytes, gamma_stats, model_summary
 from reference.model import vgg
 from reference.profiles import Profile
 from reference.prune import all_gammas, compute_masks, prune
+from reference.store import MANIFEST, load_manifest, write_bundle_hash  # noqa: F401
 from reference.train import (accuracy, predict, recalibrate_bn, seed_everything, select_device,
                              train)
 
-MANIFEST = "manifest.json"
 SPARSE_LAMBDA0 = "sparse_lambda0.pth"
 SPARSE = "sparse.pth"
 FINETUNE = "finetune.pth"
@@ -54,10 +48,6 @@ def prune_file(ratio: float) -> str:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint as plain tensors and containers; nothing in it is ever executed."""
     return torch.load(path, map_location=device, weights_only=True)
-
-
-def load_manifest(bundle_dir: str | Path) -> dict:
-    return json.loads((Path(bundle_dir) / MANIFEST).read_text())
 
 
 def environment() -> dict:
@@ -173,5 +163,3 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
-
-

@@ -77,18 +77,103 @@ def cfg_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[int | str]:
     Conv, BN and ReLU take three consecutive indices in ``feature``; a max-pool
     takes one index and has no tensors, so a gap of four between two convs is an 'M'.
     """
-    conv_indices = sorted(
-        int(key.split(".")[1]) for key, value in state_dict.items()
-        if key.startswith("feature.") and key.endswith(".weight") and value.dim() == 4)
+    conv_indices = sorted(_feature_index(key) for key, value in state_dict.items()
+                          if key.startswith("feature.") and key.endswith(".weight")
+                          and value.dim() == 4)
     if not conv_indices:
         raise ValueError("no convolution weights under 'feature.' in this state_dict")
     cfg: list[int | str] = []
     previous = -3
     for index in conv_indices:
-        cfg += ["M"] * (index - previous - 3)
+        gap = index - previous - 3
+        # A key like feature.999999999.weight would otherwise ask for a billion 'M's.
+        if gap < 0 or len(cfg) + gap >= MAX_CFG_LENGTH:
+            raise ValueError(f"convolution feature.{index} does not fit a VGG layout")
+        cfg += ["M"] * gap
         cfg.append(int(state_dict[f"feature.{index}.weight"].shape[0]))
         previous = index
     return cfg
+
+
+# No VGG of the lab has more than 20 cfg entries; a state_dict implying more is not one.
+MAX_CFG_LENGTH = 64
+
+
+def _feature_index(key: str) -> int:
+    """The ``<i>`` of ``feature.<i>.weight``; ValueError unless it is a small plain number."""
+    part = key.split(".")[1]
+    if not (part.isascii() and part.isdigit() and len(part) <= 4) or key.count(".") != 2:
+        raise ValueError(f"{key[:80]} is not a layer of a VGG's 'feature' block")
+    return int(part)
+
+
+def state_dict_shapes(cfg: Sequence[int | str], num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``vgg(cfg=cfg).state_dict()``, computed without building it."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    index, in_channels = 0, 3
+    for v in cfg:
+        if v == "M":
+            index += 1
+            continue
+        width = int(v)
+        shapes[f"feature.{index}.weight"] = (width, in_channels, 3, 3)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"feature.{index + 1}.{name}"] = (width,)
+        shapes[f"feature.{index + 1}.num_batches_tracked"] = ()
+        index, in_channels = index + 3, width
+    shapes["classifier.weight"] = (num_classes, in_channels)
+    shapes["classifier.bias"] = (num_classes,)
+    return shapes
+
+
+def layout_problem(state_dict: dict[str, torch.Tensor], widest: Sequence[int | str],
+                   num_classes: int = 10) -> str | None:
+    """Why ``state_dict`` is not a VGG laid out like ``widest`` and no wider, layer for layer
+    (a thin model keeps the layers and pools of its original); None when it fits.
+
+    Only shapes are read, so a state_dict declaring huge layers costs nothing here.
+    """
+    widths = [int(v) for v in widest if v != "M"]
+    convs: list[tuple[int, str]] = []
+    for key, value in state_dict.items():
+        if key.startswith("feature.") and key.endswith(".weight") and value.dim() == 4:
+            try:
+                convs.append((_feature_index(key), key))
+            except ValueError:
+                return f"{key[:80]} is not a layer of the lab's VGG"
+    if len(convs) != len(widths):
+        return f"it has {len(convs)} convolution layers, the lab's VGG has {len(widths)}"
+    convs.sort()
+    expected_places = [int(k.split(".")[1]) for k in state_dict_shapes(widest, num_classes)
+                       if k.endswith(".weight") and k.count(".") == 2
+                       and len(state_dict_shapes(widest, num_classes)[k]) == 4]
+    places = [index for index, _ in convs]
+    if places != expected_places:
+        return ("its convolutions are not where the lab's VGG has them (feature."
+                f"{places[:6]}... instead of {expected_places[:6]}...): a max-pool is "
+                "missing, extra or moved")
+    cfg: list[int | str] = []
+    layer = 0
+    for v in widest:
+        if v == "M":
+            cfg.append("M")
+            continue
+        width = int(state_dict[convs[layer][1]].shape[0])
+        if width > int(v):
+            return f"layer {layer} has {width} channels, at most {int(v)}"
+        cfg.append(width)
+        layer += 1
+    shapes = state_dict_shapes(cfg, num_classes)
+    for key, value in state_dict.items():
+        if key not in shapes:
+            return f"it holds {key[:80]}, which the lab's VGG has not"
+        if tuple(value.shape) != shapes[key]:
+            return (f"{key} has shape {tuple(value.shape)[:8]}, its layout implies "
+                    f"{shapes[key]}")
+    missing = [k for k in shapes if k not in state_dict and not k.endswith("num_batches_tracked")]
+    if missing:
+        return f"it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+    return None
 
 
 def masked_state_dict(state_dict: dict[str, torch.Tensor],

@@ -1,4 +1,9 @@
-"""Shared set-up: expected bundles cached inside the repo, never in the user's home."""
+"""Shared set-up.
+
+Every grading uses the quick bundle shipped in reference/bundles/quick/ (checked by its
+hash); nothing here builds one. SLIMGRADE_CACHE only keeps --bundle archives that tests
+unpack inside the repo, never in the user's home.
+"""
 from __future__ import annotations
 
 import os

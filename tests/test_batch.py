@@ -10,8 +10,10 @@ blocks until it is killed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import select
@@ -41,7 +43,7 @@ HOSTILE_MESSAGE = '<script>alert("pwned")</script> & "quoted" <b onmouseover=x>'
 
 def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, workers=2,
                rubric_path=None, cache_root=None, keep_work=False, on_progress=None,
-               run_cache=None, threads=None) -> dict:
+               run_cache=None, threads=None, bundle=None) -> dict:
     """Writes a plausible result.json, report.html and notebooks/ in a blink.
 
     A submission named ``broken*`` raises PrepareError (no notebooks), ``crash*``
@@ -86,13 +88,20 @@ def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, w
     result = {"submission": name, "score": sum(c["points"] for c in checks if c["status"] != "skip"),
               "max_score": float(AUTOMATIC_MAX), "checks": checks, "diagnoses": diagnoses,
               "failures": [], "metrics": {}, "environment": {}}
+    if bundle is not None:
+        result["bundle"] = bundle.to_dict()
     (out_dir / "result.json").write_text(json.dumps(result))
     (out_dir / "report.html").write_text("<!DOCTYPE html><title>fake report</title>")
     return result
 
 
-def fake_reference(profile, cache_root, data_root, device) -> Path:
-    return Path("/nonexistent-bundle")
+FAKE_BUNDLE_HASH = "ab" * 32
+
+
+def fake_reference(profile, cache_root, data_root, device, bundle=None):
+    from reference.store import Bundle
+
+    return Bundle(Path("/nonexistent-bundle"), FAKE_BUNDLE_HASH, "quick", "shipped")
 
 
 # ---------------------------------------------------------------- helpers
@@ -217,8 +226,10 @@ def test_four_submissions_one_broken(tmp_path, fake):
     columns, book = read_gradebook(out)
     assert columns == (["student_id"] + [item["id"] for item in RUBRIC["items"]]
                        + ["total", "max_total", "hand_total", "final", "final_max", "status",
-                          "failures", "diagnoses", "comment", "duration_s", "report"])
+                          "failures", "diagnoses", "comment", "duration_s", "report", "bundle"])
     by_id = {row["student_id"]: row for row in book}
+    # One bundle for the whole batch: every grading, and the failed one, names its hash.
+    assert {row["bundle"] for row in book} == {FAKE_BUNDLE_HASH}
     assert set(by_id) == {"alice", "bob", "broken", "mutant-carl"}
     assert by_id["alice"]["total"] == f"{AUTOMATIC_MAX:g}"
     assert by_id["alice"]["blank-lambda"] == "5"
@@ -507,6 +518,8 @@ def test_real_batch_on_fixtures(tmp_path, run_cache):
         assert low <= row["total"] <= high, row
         assert (out / row["report"]).is_file()
     assert len(read_gradebook(out)[1]) == len(sources)
+    from reference.store import recorded_hash, shipped_bundle_dir
+    assert {row["bundle"] for row in rows} == {recorded_hash(shipped_bundle_dir("quick"))}
     # The forged result.json / report.html stayed inside the student's own work dir.
     assert json.loads((out / "forges-result" / "result.json").read_text())["submission"] == "forges-result"
     assert not list(tmp_path.glob("result.json")) and not (root / "result.json").exists()
@@ -560,3 +573,191 @@ def test_sigterm_during_grade_shuts_the_kernels_down_and_removes_the_work_root(t
     for pid in descendants:
         assert exited(pid, timeout=30), f"process {pid} outlived the grading"
     assert [p.name for p in scratch.iterdir() if p.name.startswith("slimgrade-")] == []
+
+
+# ---------------------------------------------------------------- hand-ins without notebooks, --only, --exclude
+
+def test_a_folder_without_notebooks_is_no_submission_not_a_zero(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice"])
+    (root / "ghost").mkdir()
+    (root / "ghost" / "report.pdf").write_text("no notebooks here")
+    with zipfile.ZipFile(root / "hollow.zip", "w") as archive:
+        archive.writestr("hollow/readme.txt", "nothing")
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile())
+    assert fake() == ["alice"], "a hand-in without notebooks is not graded"
+    by_id = {row["student_id"]: row for row in rows}
+    for sid in ("ghost", "hollow"):
+        assert by_id[sid]["status"] == "no submission"
+        assert by_id[sid]["total"] is None and by_id[sid]["final"] is None
+        assert not (out / sid).exists()
+    book = {row["student_id"]: row for row in read_gradebook(out)[1]}
+    assert book["ghost"]["total"] == "" and book["ghost"]["status"] == "no submission"
+    summary = (out / "summary.html").read_text()
+    assert "no submission" in summary and "ghost" in summary
+    lms = list(csv.DictReader(open(out / "canvas-grades.csv", encoding="utf-8")))
+    assert {r["student_id"]: r["score"] for r in lms}["ghost"] == ""
+    assert batch.batch_summary(rows, out).count("without a submission (ghost, hollow)") == 1
+
+
+def test_only_regrades_the_named_hand_ins_and_keeps_the_others(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "bob.zip", "carl"])
+    out = tmp_path / "out"
+    batch.grade_class(root, out, quick_profile())
+    assert sorted(fake()) == ["alice", "bob", "carl"]
+    rows = batch.grade_class(root, out, quick_profile(), only=["bob.zip", "CARL"])
+    assert sorted(fake()[3:]) == ["bob", "carl"], "--only grades the named ones again"
+    assert [row["student_id"] for row in rows] == ["alice", "bob", "carl"]
+    with pytest.raises(batch.BatchError, match="--only names zed"):
+        batch.grade_class(root, out, quick_profile(), only=["zed"])
+
+
+def test_exclude_leaves_hand_ins_out(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "TA-test", "ta-demo.zip", "bob"])
+    out = tmp_path / "out"
+    rows = batch.grade_class(root, out, quick_profile(), exclude=["ta-*"])
+    assert sorted(fake()) == ["alice", "bob"]
+    assert [row["student_id"] for row in rows] == ["alice", "bob"]
+    with pytest.raises(batch.BatchError, match="leaves out every hand-in"):
+        batch.grade_class(root, out, quick_profile(), exclude=["*"])
+
+
+# ---------------------------------------------------------------- hand grades
+
+def test_hand_grades_survive_reruns_and_reach_the_gradebook_and_the_report(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "bob"])
+    out = tmp_path / "out"
+    batch.grade_class(root, out, quick_profile())
+    hand = out / "hand-grades.csv"
+    header, *rows = list(csv.reader(open(hand, encoding="utf-8")))
+    assert header == ["student_id", *(item["id"] for item in MANUAL), "comment"]
+    assert rows == [["alice"] + [""] * (len(header) - 1), ["bob"] + [""] * (len(header) - 1)]
+
+    # The TA types marks in a spreadsheet that saves with ';' and decimal commas.
+    first, second = MANUAL[0]["id"], MANUAL[1]["id"]
+    typed = (";".join(header) + "\n"
+             + ";".join(["alice", "7,5", "8"] + [""] * (len(header) - 4) + ["Clear plots."]) + "\n"
+             + ";".join(["bob", "ten", "99"] + [""] * (len(header) - 3)) + "\n")
+    hand.write_text(typed, encoding="utf-8")
+    make_folder(root / "carl")
+    batch.grade_class(root, out, quick_profile(), force=True)
+
+    text = hand.read_text(encoding="utf-8")
+    assert text.startswith(typed), "hand-grades.csv is never rewritten"
+    assert text[len(typed):].startswith("carl;"), "a new student gets a row appended"
+    book = {row["student_id"]: row for row in read_gradebook(out)[1]}
+    alice = book["alice"]
+    assert alice[first] == "7.5" and alice[second] == "8" and alice["hand_total"] == "15.5"
+    assert alice["final"] == f"{AUTOMATIC_MAX + 15.5:g}" and alice["comment"] == "Clear plots."
+    assert book["bob"][first] == "" and book["bob"]["hand_total"] == ""  # bad cells left out
+    summary = (out / "summary.html").read_text()
+    assert "line 3 (bob)" in summary and "&#39;ten&#39;" in summary and "&#39;99&#39;" in summary
+    report = (out / "alice" / "report.html").read_text()
+    assert "Graded by hand from your written report: 15.5 / 40" in report
+    assert "Clear plots." in report and "7.5 / 8" in report
+    lms = {r["student_id"]: r for r in csv.DictReader(open(out / "canvas-grades.csv", encoding="utf-8"))}
+    assert lms["alice"]["score"] == f"{AUTOMATIC_MAX + 15.5:g}"
+    assert lms["alice"]["max_score"] == f"{AUTOMATIC_MAX + 40:g}"
+    assert "Clear plots." in lms["alice"]["comment"] and "Report: alice/report.html" in lms["alice"]["comment"]
+    assert "not graded yet" in lms["bob"]["comment"]
+
+    # A later batch that grades nothing leaves the report alone (nothing changed) ...
+    stamp = (out / "alice" / ".hand-grades.json").stat().st_mtime_ns
+    batch.grade_class(root, out, quick_profile())
+    assert (out / "alice" / ".hand-grades.json").stat().st_mtime_ns == stamp
+    # ... and a changed mark reaches the report on the next run.
+    hand.write_text(text.replace("7,5", "6"), encoding="utf-8")
+    batch.grade_class(root, out, quick_profile())
+    assert "Graded by hand from your written report: 14 / 40" in (out / "alice" / "report.html").read_text()
+
+
+def test_a_hand_grades_file_without_student_id_is_named_not_used(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hand-grades.csv").write_text("name,report-problems\nalice,8\n")
+    rows = batch.grade_class(root, out, quick_profile())
+    assert rows[0]["hand_total"] is None
+    assert (out / "hand-grades.csv").read_text() == "name,report-problems\nalice,8\n"
+    assert "must start with a student_id column" in (out / "summary.html").read_text()
+
+
+# ---------------------------------------------------------------- progress
+
+def test_batch_prints_a_timestamped_line_per_finished_hand_in(tmp_path, fake):
+    root = make_class(tmp_path / "class", ["alice", "mutant-bob", "broken"])
+    stream = io.StringIO()
+    batch.grade_class(root, tmp_path / "out", quick_profile(), stream=stream)
+    lines = stream.getvalue().splitlines()
+    stamped = [line for line in lines if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d batch: \[\d/3", line)]
+    assert len(stamped) == 3, lines
+    text = "\n".join(stamped)
+    assert f"alice: {AUTOMATIC_MAX:g}/{AUTOMATIC_MAX:g}" in text
+    assert f"mutant-bob: {AUTOMATIC_MAX - 5:g}/{AUTOMATIC_MAX:g}" in text
+    assert "broken: not graded" in text and "holds none of the lab's notebooks" in text
+    stream = io.StringIO()
+    batch.grade_class(root, tmp_path / "out", quick_profile(), stream=stream)
+    assert "nothing to grade: 3 hand-in(s) already graded" in stream.getvalue()
+
+
+# ---------------------------------------------------------------- summary.html for a TA
+
+def synthetic_book(tmp_path, results: dict) -> batch.Gradebook:
+    entries = [batch.Entry(sid, tmp_path / sid) for sid in results]
+    book = batch.Gradebook(tmp_path, entries, RUBRIC, "class", "quick")
+    book.results.update(results)
+    return book
+
+
+def result_with(failures=(), notes=(), diagnoses=(), lam="pass", duration=90.0) -> dict:
+    checks = [{"id": "blank-lambda", "status": lam, "points": 5.0 if lam == "pass" else 0.0},
+              {"id": "prune-0.9", "status": "pass", "points": 10.0}]
+    return {"score": 15.0, "max_score": 60.0, "checks": checks, "failures": list(failures),
+            "profile_notes": list(notes), "diagnoses": list(diagnoses), "duration_s": duration}
+
+
+CELL_FAILURE = {"notebook": "vggprune.ipynb", "run": "prune-0.9", "kind": "exception", "cell_index": 23,
+                "message": "vggprune.ipynb: cell 24 raised IndexError: index 5 is out of bounds."}
+
+
+def test_summary_flags_a_failure_most_of_the_class_shares(tmp_path):
+    other = {**CELL_FAILURE, "cell_index": 3, "message": "vggprune.ipynb: cell 4 raised NameError: x."}
+    book = synthetic_book(tmp_path, {"a": result_with([CELL_FAILURE]), "b": result_with([CELL_FAILURE]),
+                                     "c": result_with([CELL_FAILURE, other], lam="fail")})
+    view = book.view()
+    [shared, single] = view["failure_groups"]
+    assert shared["students"] == ["a", "b", "c"] and shared["suspect"] and shared["cell"] == "24"
+    assert single["students"] == ["c"] and not single["suspect"]
+    assert view["suspects"] == 1
+    rates = {c["id"]: c for c in view["checks"]}
+    assert rates["blank-lambda"]["pass"] == 2 and rates["blank-lambda"]["fail"] == 1
+    assert rates["blank-lambda"]["rate"] == "67 %" and rates["prune-0.9"]["rate"] == "100 %"
+    page = batch.summary_html(view)
+    assert page.count('<span class="flag">likely a grading problem</span>') == 1
+    assert "67 %" in page and "vggprune.ipynb, cell 24" in page
+
+
+def test_summary_does_not_flag_a_failure_of_one_student_in_three(tmp_path):
+    book = synthetic_book(tmp_path, {"a": result_with([CELL_FAILURE]), "b": result_with(),
+                                     "c": result_with()})
+    [group] = book.view()["failure_groups"]
+    assert not group["suspect"]
+    assert "<span class=\"flag\">likely a grading problem" not in batch.summary_html(book.view())
+
+
+def test_summary_separates_notes_from_mistakes_and_shows_time(tmp_path):
+    mistake = {"id": "bn-copy-bug", "severity": "error", "message": "stats not copied"}
+    info = {"id": "bn-statistics-shift", "severity": "info", "message": "not your fault"}
+    note = {"notebook": "sparsity_train.ipynb", "cell_index": 8, "cause": "profile",
+            "message": "cell 9 raised ValueError.", "explanation": "range(120) while EPOCHS is 12."}
+    book = synthetic_book(tmp_path, {"a": result_with(diagnoses=[mistake, info], notes=[note], duration=150.0),
+                                     "b": result_with(diagnoses=[info], duration=30.0)})
+    view = book.view()
+    assert [d["id"] for d in view["diagnoses"]] == ["bn-copy-bug"]
+    assert [d["id"] for d in view["notes"]] == ["bn-statistics-shift"]
+    assert view["note_groups"][0]["cell"] == "9" and view["note_groups"][0]["students"] == ["a"]
+    assert view["time_mean"] == "1 min 30 s" and view["time_total"] == "3 min 00 s"
+    assert [s["time"] for s in view["students"]] == ["2 min 30 s", "30 s"]
+    page = batch.summary_html(view)
+    mistakes, notes = page.index('id="diagnoses"'), page.index('id="notes"')
+    assert mistakes < page.index("bn-copy-bug") < notes < page.index("not counted: sparsity_train.ipynb, cell 9")

@@ -37,7 +37,8 @@ def evaluation_with(prune):
              "chained-finetune")}
     runs["sparsity"]["histograms"] = [{"values": 688, "quantiles": [0.0, 0.01, 0.4, 0.9]}]
     return {"runs": runs, "prune": prune, "sparsity": {}, "chained": {}, "student_lambda": 1e-4,
-            "reference": {"bn_channels": 688}}
+            "reference": {"bn_channels": 688},
+            "gamma_quantiles": {"sparsity": [0.0, 0.012, 0.38, 0.9]}}
 
 
 def ids(evaluation):
@@ -95,8 +96,9 @@ def test_the_gamma_plot_is_automatic_only_for_a_histogram_of_every_channel():
 
     evaluation = evaluation_with({})
     assert gamma_plot(evaluation).status == "pass"
-    evaluation["runs"]["sparsity"]["histograms"] = [{"values": 1, "quantiles": [0, 0, 0, 0]}]
-    assert gamma_plot(evaluation).status == "skip"  # a figure, but not of the gammas: the TA's
+    random = {"values": 688, "quantiles": [0.0, 0.5, 0.9, 1.0]}  # plt.hist(np.random.rand(688))
+    evaluation["runs"]["sparsity"]["histograms"] = [random, {"values": 1, "quantiles": [0, 0, 0, 0]}]
+    assert gamma_plot(evaluation).status == "skip"  # figures, but not of the gammas: the TA's
     for run in evaluation["runs"].values():
         run["images"] = []
     assert gamma_plot(evaluation).status == "fail"

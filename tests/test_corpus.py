@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from grader.pipeline import grade
-from reference.bundle import default_cache_root
 from reference.profiles import QUICK
+from reference.store import SHIPPED, recorded_hash, shipped_bundle_dir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # The host file the hostile-work-dir fixtures link to (make_fixtures.WORK_DIR_DECOY), and the
@@ -37,6 +37,9 @@ def test_fixture_gets_its_expected_grade(name, submission, manifest, tmp_path, r
     before = outside_files()
     # Two xdist workers grade at once on two cores: one run and one thread each.
     result = grade(submission, tmp_path / "out", QUICK, workers=1, run_cache=run_cache, threads=1)
+    # Graded against the bundle shipped with the package, never one trained here.
+    assert result["bundle"] == {"hash": recorded_hash(shipped_bundle_dir(QUICK.name)),
+                                "profile": QUICK.name, "source": SHIPPED}
 
     found_errors = {d["id"] for d in result["diagnoses"] if d["severity"] == "error"}
     found_all = {d["id"] for d in result["diagnoses"]}
@@ -72,8 +75,8 @@ def place_decoy() -> None:
 
 def outside_files() -> dict[Path, str]:
     """Digests of the files outside any work dir that hostile notebooks aim at: the decoy
-    and the expected bundle (a few MB)."""
-    bundle = default_cache_root() / f"{QUICK.name}-{QUICK.fingerprint()}"
+    and the expected bundle shipped with the package (a few MB)."""
+    bundle = shipped_bundle_dir(QUICK.name)
     files = [DECOY, *sorted(p for p in bundle.glob("*") if p.is_file())]
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
@@ -93,6 +96,6 @@ def assert_nothing_escaped(name: str, tmp_path: Path, before: dict[Path, str]) -
         [p for p in (Path("/tmp/slimgrade-zip-abs"), tmp_path.parent / "slimgrade-zip-escape") if p.exists()]
     assert not markers, f"{name}: wrote outside its work dir: {markers}"
     assert not (tmp_path / "result.json").exists() and not (tmp_path / "report.html").exists()
-    bundle_name = f"{QUICK.name}-{QUICK.fingerprint()}"
+    bundle_name = str(shipped_bundle_dir(QUICK.name))
     for executed in (tmp_path / "out" / "notebooks").glob("*.ipynb"):
         assert bundle_name not in executed.read_text(), f"{name}: {executed.name} saw the expected bundle"

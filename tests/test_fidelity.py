@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from grader.evaluate import (balanced_prune_state, copy_differences, edge_case_state,
+from grader.evaluate import (balanced_prune_state, copy_differences, disguised_state,
+                             edge_case_state,
                              mask_strategies, matching_strategy, inverted_by_evidence)
 from grader.execute import Failure, RunResult, RunSpec, run_notebook
 from grader.pipeline import own_paths, profile_parameters, split_failures
@@ -49,6 +50,20 @@ def test_balanced_input_keeps_three_channels_everywhere_and_the_same_function():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(balanced(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_disguised_input_computes_the_same_and_differs_per_seed():
+    model = sparse_model(4)
+    state = model.state_dict()
+    one, again, other = (disguised_state(state, seed) for seed in (7, 7, 8))
+    assert all(torch.equal(one[k], again[k]) for k in one)  # a regrade meets the same input
+    assert not torch.equal(one["feature.1.weight"], other["feature.1.weight"])
+    assert not torch.equal(one["feature.1.weight"], state["feature.1.weight"])
+    disguised = vgg(width_divisor=8).eval()
+    disguised.load_state_dict(one)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(disguised(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_edge_input_plants_a_large_negative_gamma_that_a_signed_threshold_cuts():
@@ -120,8 +135,9 @@ def test_failures_only_in_probe_or_chained_runs_are_notes_not_failures():
     assert failures == []
     assert {n["cause"] for n in notes} == {"probe", "profile"}
     results["prune-0.9"] = _result("prune-0.9", crash)
-    failures, _ = split_failures(results)  # it fails on the reference input too: a failure
+    failures, notes = split_failures(results)  # it fails on the reference input too: a failure
     assert [f["message"] for f in failures] == [crash.message]
+    assert [n["cause"] for n in notes] == ["profile"], "no note says it failed only on the probe"
 
 
 @pytest.mark.slow

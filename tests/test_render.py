@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from grader.render import gradescope_results, render, report_html, write_report, write_result
+from grader.render import (gradescope_results, render, report_html, report_view, write_report,
+                           write_result)
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 CHROMIUM = "/usr/bin/chromium"
@@ -271,3 +272,258 @@ def test_report_in_a_headless_browser(tmp_path: Path) -> None:
     assert len(image_sources) == 3 and all(s.startswith("data:image/png;base64,") for s in image_sources)
     assert broken == 0
     assert HOSTILE in text
+
+
+# ---------------------------------------------------------------- one numbering, causes first, plain words
+
+TRACEBACK = """---------------------------------------------------------------------------
+IndexError                                Traceback (most recent call last)
+Cell In[9], line 4
+      3 for k in range(5):
+----> 4     idx = keep(cfg_mask[k])
+
+Cell In[4], line 2, in keep(mask)
+      1 def keep(mask):
+----> 2     return np.argwhere(mask)[5]
+
+IndexError: index 5 is out of bounds for axis 0 with size 1"""
+
+
+def executed_copy(folder: Path, run_id: str, student_cells: int, injected_before: int) -> None:
+    """notebooks/<run>.ipynb as the executor writes it: injected cells tagged, In [n] counting them."""
+    import nbformat
+
+    cells, count = [], 0
+    for _ in range(injected_before):
+        count += 1
+        cells.append(nbformat.v4.new_code_cell("pass", metadata={"tags": ["slimgrade-injected"]},
+                                               execution_count=count))
+    for _ in range(student_cells):
+        count += 1
+        cells.append(nbformat.v4.new_code_cell("x = 1", execution_count=count))
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = cells
+    (folder / "notebooks").mkdir(exist_ok=True)
+    nbformat.write(notebook, folder / "notebooks" / f"{run_id}.ipynb")
+
+
+def failing_result() -> dict:
+    result = full_result()
+    index_error = {"notebook": "vggprune.ipynb", "run": "prune-0.9", "kind": "exception",
+                   "message": "vggprune.ipynb: cell 8 raised IndexError: index 5 is out of bounds.",
+                   "cell_index": 7, "error_tail": TRACEBACK}
+    unwritten = {"notebook": "vggprune.ipynb", "run": "prune-0.5", "kind": "missing-artifact",
+                 "message": "vggprune.ipynb did not write model_prune.pth although no cell raised.",
+                 "cell_index": None, "error_tail": ""}
+    missing = {"notebook": "sparsity_train.ipynb", "run": None, "kind": "missing-artifact",
+               "message": "sparsity_train.ipynb was not found in the submission: hand it in.",
+               "cell_index": None, "error_tail": ""}
+    died = result["failures"][0]
+    result["failures"] = [died, unwritten, index_error, missing]
+    result["checks"].append({"id": "prune-0.9", "stage": "vggprune", "title": "Prune ratio 0.9 done",
+                             "status": "error", "points": 0.0, "max_points": 10.0,
+                             "message": "Not graded: the notebook stopped."})
+    runs = result["metrics"]["runs"]
+    for run_id in ("prune-0.9", "chained-prune-0.9"):
+        runs[run_id] = {"notebook": "vggprune.ipynb", "failure": index_error, "duration_s": 4.0}
+    runs["prune-0.5"] = {"notebook": "vggprune.ipynb", "failure": unwritten, "duration_s": 4.0}
+    runs["finetune"]["failure"] = died
+    runs["prune-edge"] = {"notebook": "vggprune.ipynb", "duration_s": 4.0,
+                          "failure": {**index_error, "run": "prune-edge", "message": "edge only."}}
+    result["profile_notes"] = [
+        {**index_error, "run": "prune-edge", "message": "edge only.", "cause": "probe",
+         "explanation": "This happened only on a probe input the grader built on purpose."},
+        {**index_error, "run": "prune-edge", "cause": "probe", "explanation": "a duplicate"},
+        {"notebook": "sparsity_train.ipynb", "run": "sparsity", "kind": "exception", "cell_index": 11,
+         "message": "sparsity_train.ipynb: cell 12 raised ValueError.", "error_tail": "",
+         "cause": "profile", "explanation": "range(120) while EPOCHS is 12."}]
+    return result
+
+
+def test_cells_are_numbered_from_one_with_the_tracebacks_in_number(tmp_path: Path) -> None:
+    result = failing_result()
+    executed_copy(tmp_path, "prune-0.9", student_cells=10, injected_before=1)
+    view = report_view(result, tmp_path)
+    failure = next(f for f in view["failures"] if f["kind"] == "exception")
+    assert failure["cell"] == "8" and failure["shown_in"] == "9"
+    # In[9] is the failing cell (8), In[4] the cell defining keep() (3): both named.
+    assert "Cell In[9] [your cell 8], line 4" in failure["tail"]
+    assert "Cell In[4] [your cell 3], line 2, in keep(mask)" in failure["tail"]
+    html = report_html(result, tmp_path)
+    assert "cell 8 (In [9] in the traceback)" in html and "cell 7" not in html
+    note = next(n for n in view["profile_notes"] if n["notebook"] == "sparsity_train.ipynb")
+    assert note["cell"] == "12"
+    # Without the executed copy the failing cell's In [n] comes from its traceback.
+    assert report_view(result)["failures"][1]["shown_in"] == "9"
+
+
+def test_causes_come_before_their_consequences(tmp_path: Path) -> None:
+    result = failing_result()
+    failures = report_view(result, tmp_path)["failures"]
+    assert [(f["notebook"], f["kind"]) for f in failures] == [
+        ("sparsity_train.ipynb", "missing-artifact"),  # not handed in: the first cause
+        ("vggprune.ipynb", "exception"),  # the IndexError before what it left unwritten
+        ("vggprune.ipynb", "missing-artifact"),
+        ("train_prune_model.ipynb", "kernel-died")]  # notebooks in the lab's order
+    html = report_html(result, tmp_path)
+    assert html.index("cell 8 raised IndexError") < html.index("did not write model_prune.pth")
+    assert html.index('id="failures"') < html.index('id="diagnoses"')
+    stages = {s["id"]: s for s in report_view(result)["stages"]}
+    assert stages["vggprune"]["cause"].startswith("First: vggprune.ipynb: cell 8 raised IndexError")
+    assert stages["sparsity_train"]["cause"].startswith("sparsity_train.ipynb was not found")
+    first = report_view(result)["summary"]["first_failure"]
+    assert first.startswith("sparsity_train.ipynb was not found")
+
+
+def test_the_card_counts_every_failed_run_and_no_note_twice() -> None:
+    result = failing_result()
+    view = report_view(result)
+    # finetune, prune-0.9 and chained-prune-0.9 (the same IndexError), prune-0.5; the edge
+    # probe's own failure is a note that costs nothing; a missing notebook is no run.
+    assert view["summary"]["failed_runs"] == 4
+    assert view["summary"]["missing_notebooks"] == 1
+    assert "4 run(s) failed" in view["summary"]["verdict"]
+    index_error = next(f for f in view["failures"] if f["kind"] == "exception")
+    assert index_error["runs"] == ["pruning the reference checkpoint at 90 %",
+                                   "your own pipeline: pruning at 90 %"]
+    messages = [n["message"] for n in view["profile_notes"]]
+    assert messages == ["sparsity_train.ipynb: cell 12 raised ValueError.", "edge only."]
+    html = report_html(result)
+    assert "4 failed run(s), 1 notebook(s) not handed in, 2 not counted" in " ".join(html.split())
+
+
+def test_runs_are_named_in_plain_words() -> None:
+    from grader.render import run_label
+
+    assert run_label("prune-0.5") == "pruning the reference checkpoint at 50 %"
+    assert run_label("chained-prune-0.9") == "your own pipeline: pruning at 90 %"
+    assert run_label("chained 0.9") == "your own pipeline: pruning at 90 %"
+    assert run_label("isolated edge") == run_label("prune-edge")
+    assert run_label("chained-sparsity").startswith("your own pipeline")
+    html = report_html(full_result())
+    text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
+    assert "chained prune" not in text and "band 3" not in text
+    assert "your own pipeline: pruning at 50 %" in text and "yours passes within 3 points" in text
+    assert "How each notebook ran" in text  # the glossary line
+
+
+def test_the_masks_row_says_what_the_chart_draws() -> None:
+    result = full_result()
+    facts = result["metrics"]["prune"]["0.9"]
+    # The grader accepted the masks (a min-channel rule), yet the kept counts differ in
+    # layers 1 and 2-3: the row must not say "match the reference" beside those numbers.
+    facts.update(student_kept=[3, 3, 5, 4], mask_correct=True, mask_layers_wrong=[])
+    [run] = [r for r in report_view(result)["pruning"]["runs"]
+             if r["label"] == "pruning the reference checkpoint at 90 %"]
+    assert run["kept_match"] is False and run["layers_wrong"] == "1\u20133"
+    assert "costs nothing" in run["mask_note"]
+    facts.update(student_kept=[3, 2, 4, 3], mask_correct=False, mask_layers_wrong=[2])
+    [run] = [r for r in report_view(result)["pruning"]["runs"]
+             if r["label"] == "pruning the reference checkpoint at 90 %"]
+    assert run["kept_match"] is False and run["layers_wrong"] == "2"
+    assert "not the same channels" in run["mask_note"]
+
+
+def test_hand_grades_merged_by_a_batch_show_in_the_report() -> None:
+    result = full_result()
+    result["hand_grades"] = {"points": {"report-problems": 6.5, "not-an-item": 3, }, "comment": "Good."}
+    view = report_view(result)
+    assert view["summary"]["manual_line"] == "Graded by hand from your written report: 6.5 / 40."
+    assert view["summary"]["final_line"] == "Total: 51.5 / 100"
+    [report] = [s for s in view["stages"] if s["id"] == "report"]
+    assert report["hand_points"] == "6.5"
+    html = report_html(result)
+    assert "6.5 / 8" in html and "Your grader's comment: Good." in html
+    result["hand_grades"]["points"]["report-problems"] = 9  # more than the item's 8 points
+    assert report_view(result)["summary"]["final_line"] == ""
+
+
+def _browse(page_path: Path, sync_api) -> dict:
+    requests: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(page_path.as_uri(), wait_until="load")
+            seen = page.evaluate("""() => ({
+                text: document.body.innerText,
+                scripts: document.querySelectorAll('script').length,
+                broken: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length,
+                images: document.images.length,
+                visible: sel => 0,
+            })""")
+            seen["boxes"] = {sel: page.evaluate(
+                "s => [...document.querySelectorAll(s)].filter(e => e.getBoundingClientRect().height > 0).length", sel)
+                for sel in (".cause", ".first-failure", ".final", "td.masks .bad", ".card.info",
+                            "tr.suspect", ".flag", ".bar span", "tr.empty", "ul.problems li")}
+            seen["bar_widths"] = page.evaluate(
+                "[...document.querySelectorAll('.bar span')].map(e => e.getBoundingClientRect().width)")
+        finally:
+            browser.close()
+    seen["requests"] = requests
+    return seen
+
+
+def test_new_parts_of_the_report_in_a_headless_browser(tmp_path: Path) -> None:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+    result = failing_result()
+    result["hand_grades"] = {"points": {"report-problems": 7}, "comment": "Nice report."}
+    result["metrics"]["prune"]["0.9"]["student_kept"] = [3, 3, 4, 3]
+    executed_copy(tmp_path, "prune-0.9", student_cells=10, injected_before=1)
+    seen = _browse(write_report(result, tmp_path), sync_api)
+    assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
+    assert seen["scripts"] == 0 and seen["broken"] == 0
+    text = seen["text"]
+    assert "What went wrong first: sparsity_train.ipynb was not found" in text
+    assert "Graded by hand from your written report: 7 / 40" in text and "Total: 52 / 100" in text
+    assert "Your grader's comment: Nice report." in text
+    assert "cell 8 (In [9] in the traceback)" in text and "Cell In[9] [your cell 8]" in text
+    assert "The same in 2 runs: pruning the reference checkpoint at 90 %; your own pipeline: pruning at 90 %." in text
+    assert "NOT COUNTED" in text.upper() and "cell 12" in text
+    assert text.index("Failures") < text.index("Diagnoses\n")
+    boxes = seen["boxes"]
+    assert boxes[".cause"] >= 2 and boxes[".first-failure"] == 1 and boxes[".final"] == 1
+    assert boxes["td.masks .bad"] >= 1 and boxes[".card.info"] >= 2
+
+
+def test_new_parts_of_the_class_summary_in_a_headless_browser(tmp_path: Path) -> None:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+    from grader import batch
+
+    rubric = json.loads((Path(__file__).parents[1] / "grader" / "rubric.json").read_text())
+    failure = {"notebook": "vggprune.ipynb", "kind": "exception", "cell_index": 23,
+               "message": "vggprune.ipynb: cell 24 raised IndexError: index 5 is out of bounds."}
+    note = {"notebook": "sparsity_train.ipynb", "cell_index": 8, "message": "cell 9 raised ValueError.",
+            "explanation": "range(120)."}
+
+    def result(score: float, lam: str) -> dict:
+        return {"score": score, "max_score": 60.0, "duration_s": 95.0, "failures": [failure],
+                "profile_notes": [note], "checks": [{"id": "blank-lambda", "status": lam, "points": 0.0}],
+                "diagnoses": [{"id": "bn-copy-bug", "severity": "error", "message": "m"},
+                              {"id": "bn-statistics-shift", "severity": "info", "message": "n"}]}
+
+    entries = [batch.Entry(sid, tmp_path / sid) for sid in ("ann", "ben", "cy", "dee")]
+    book = batch.Gradebook(tmp_path, entries, rubric, "class", "quick", empty={"dee"})
+    book.results.update(ann=result(40.0, "pass"), ben=result(50.0, "pass"), cy=result(20.0, "fail"))
+    book.hand = {"ann": {"points": {"report-problems": 8.0}, "comment": ""}}
+    book.problems = ["hand-grades.csv line 3 (ben): report-problems = 'ten' is not a number"]
+    page = tmp_path / "summary.html"
+    page.write_text(batch.summary_html(book.view()))
+    seen = _browse(page, sync_api)
+    assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
+    assert seen["scripts"] == 0 and seen["broken"] == 0 and seen["images"] == 1
+    text = seen["text"]
+    boxes = seen["boxes"]
+    assert boxes["tr.suspect"] == 1 and boxes[".flag"] >= 1 and "likely a grading problem" in text
+    assert "vggprune.ipynb, cell 24" in text and "3 (100 %)" in text
+    assert boxes[".bar span"] == 1 and 70 < seen["bar_widths"][0] < 90  # 2 of 3 pass: 67 %
+    assert boxes["tr.empty"] == 1 and "no submission" in text
+    assert boxes["ul.problems li"] == 1 and "'ten' is not a number" in text
+    assert text.index("Mistakes across the class") < text.index("bn-copy-bug") < text.index("Notes (cost nothing)")
+    assert text.index("Notes (cost nothing)") < text.index("bn-statistics-shift")
+    assert "1 min 35 s" in text and "48 / 100" in text

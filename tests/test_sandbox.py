@@ -197,6 +197,7 @@ def test_missing_sandbox_warns_once_and_runs_unsandboxed(monkeypatch, caplog):
 # ---------------------------------------------------------------- the answer key, uids
 
 HIDDEN_MODULES = ("reference.prune", "reference.train", "reference.bundle", "reference.profiles",
+                  "reference.store", "reference.drift",
                   "reference.metrics", "reference.plots", "grader.evaluate", "grader.pipeline",
                   "grader.execute", "grader.sandbox", "grader.diagnose", "grader.score")
 
