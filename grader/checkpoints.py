@@ -1,13 +1,14 @@
 """Loading a student's checkpoint: tensors only, one clear sentence when it cannot be used."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from grader.untrusted import (CheckpointLimits, UntrustedFileError, load_checkpoint,
                               regular_file_problem)
-from reference.model import cfg_from_state_dict, vgg
+from reference.model import cfg_from_state_dict, layout_problem, vgg
 
 # What the largest model of the lab weighs (VGG-19 at full width, CIFAR-10; measured with
 # reference.model): 20,046,042 numbers in its state_dict (BN running statistics included),
@@ -68,12 +69,30 @@ def state_dict_of(checkpoint: dict, name: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def check_layout(state: dict[str, torch.Tensor], name: str, widest: Sequence[int | str]) -> None:
+    """CheckpointError unless ``state`` is laid out as the profile's VGG ``widest`` (the
+    profile's full cfg, ``reference.model.scaled_cfg``) with no layer wider than there.
+
+    Checked on shapes alone before any model is built: the memory a VGG takes grows with
+    the square of its widths, so a 130 KB file declaring 12000-wide layers would otherwise
+    make the grader allocate gigabytes before load_state_dict noticed anything.
+    """
+    problem = layout_problem(state, widest)
+    if problem is not None:
+        raise CheckpointError(f"{name} does not fit the lab's VGG: {problem}; save the "
+                              "state_dict of the lab's model (or of its pruned copy).")
+
+
 def model_from_state(state: dict[str, torch.Tensor], name: str,
-                     cfg: list | None = None) -> vgg:
-    """A trusted ``vgg`` holding ``state``; the cfg is read from tensor shapes when absent."""
+                     cfg: list | None = None, *, widest: Sequence[int | str]) -> vgg:
+    """A trusted ``vgg`` holding ``state``; the cfg is read from tensor shapes when absent.
+
+    ``widest`` is the grading profile's full cfg: ``state`` must fit it (``check_layout``).
+    """
+    check_layout(state, name, widest)
     try:
         cfg = list(cfg) if cfg is not None else cfg_from_state_dict(state)
-        model = vgg(cfg=cfg)
+        model = vgg(cfg=cfg, init_weights=False)  # every tensor is overwritten just below
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0][:300]

@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         check_bundle(parser, args)
     except SystemExit as leaving:
         return leaving.code if isinstance(leaving.code, int) else USAGE_ERROR
+    if args.debug:  # the tracebacks of evaluation steps that became 'error' facts
+        import logging
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("grader").setLevel(logging.DEBUG)
     from grader.checkpoints import CheckpointError
     from grader.prepare import PrepareError
     from reference.data import DataError

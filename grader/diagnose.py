@@ -355,6 +355,39 @@ def updatebn_not_sign(evaluation: dict) -> Finding | None:
         f"in the reference run and {c['baseline_small_fraction']:.1%} with lambda 0"])
 
 
+UPDATEBN_STATISTICS = ("updatebn-after-step", "updatebn-wrong-sign", "updatebn-not-sign",
+                       "updatebn-on-weights", "l1-all-parameters")
+
+
+def update_bn_probe(evaluation: dict) -> dict | None:
+    """What the notebook's updateBN did on a probe network in the sparsity run, if it ran."""
+    probe = evaluation.get("runs", {}).get("sparsity", {}).get("update_bn_probe")
+    return probe if probe and probe.get("ran") else None
+
+
+def probe_mismatch(probe: dict) -> list[str]:
+    return [text for flag, text in (
+        ("bn_grad_ok", "the BN weight's gradient did not grow by LAMBDA * sign(gamma)"),
+        ("others_untouched", "the gradient of a parameter other than a BN weight changed"),
+        ("weights_untouched", "a weight itself changed (the penalty belongs in the gradient)"))
+        if not probe.get(flag)]
+
+
+@diagnosis("updatebn-probe-mismatch", "sparsity_train",
+           "updateBN adds LAMBDA * torch.sign(m.weight.data) to m.weight.grad of every "
+           "nn.BatchNorm2d of model, and changes nothing else.")
+def updatebn_probe_mismatch(evaluation: dict) -> Finding | None:
+    """updateBN called by the grader on a known network does not do the L1 step, and the
+    gamma statistics name no other cause: the sparsity seen may not come from training."""
+    probe = update_bn_probe(evaluation)
+    if probe is None or not probe_mismatch(probe):
+        return None
+    if any(entry.detect(evaluation) for entry in CATALOGUE if entry.id in UPDATEBN_STATISTICS):
+        return None
+    return ("The notebook's updateBN, called on a probe network, does not add the L1 "
+            "subgradient to the BN scale factors.", probe_mismatch(probe))
+
+
 # ---------------------------------------------------------------- train_prune_model
 
 @diagnosis("finetune-architecture-changed", "train_prune_model",

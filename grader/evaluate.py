@@ -7,6 +7,7 @@ output is plain JSON-ready facts that diagnose and score read.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from grader.checkpoints import (CheckpointError, load_student_checkpoint, model_
 from reference.bundle import majority_fraction
 from reference.data import TensorLoader
 from reference.metrics import count_macs, count_parameters, gamma_stats
-from reference.model import bn_layers, cfg_from_state_dict, masked_state_dict
+from reference.model import bn_layers, cfg_from_state_dict, masked_state_dict, scaled_cfg
 from reference.profiles import Profile
 from reference.prune import cfg_from_masks, compute_masks, global_threshold, kept_indices
 from reference.train import accuracy, predict, recalibrate_bn
+
+log = logging.getLogger(__name__)
 
 # A network that gives this share of its answers to one class has collapsed (LAB: 1000/10000).
 COLLAPSE_FRACTION = 0.8
@@ -55,6 +58,11 @@ class TrustedData:
     # these, tensor for tensor, did not come from an honest training run.
     references: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
+    @property
+    def widest(self) -> list[int | str]:
+        """The profile's full cfg: no checkpoint of this grading has more or wider layers."""
+        return scaled_cfg(self.profile.width_divisor)
+
 
 def claimed_accuracies(text: str) -> list[float]:
     return [float(m.group(3)) for m in ACCURACY_LINE.finditer(text)]
@@ -71,7 +79,7 @@ def sparsity_facts(checkpoint_path: Path, data: TrustedData) -> dict:
     """Gamma statistics, conv-weight sparsity and an eval-mode re-test of a sparse checkpoint."""
     checkpoint = load_student_checkpoint(checkpoint_path, ("state_dict",))
     state = state_dict_of(checkpoint, checkpoint_path.name)
-    model = model_from_state(state, checkpoint_path.name)
+    model = model_from_state(state, checkpoint_path.name, widest=data.widest)
     gammas = torch.cat([bn.weight.detach().flatten() for bn in bn_layers(model)])
     conv = torch.cat([m.weight.detach().abs().flatten() for m in model.modules()
                       if isinstance(m, nn.Conv2d)])
@@ -268,7 +276,7 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     """Masks against the reference and the catalogue, tensors against their slices, logits,
     accuracy (and after BN recalibration), and what the notebook printed."""
     profile = data.profile
-    original = model_from_state(original_state, "the original checkpoint")
+    original = model_from_state(original_state, "the original checkpoint", widest=data.widest)
     strategies = mask_strategies(original, ratio, profile.min_channels)
     widths = [len(m) for m in strategies["correct"][0]]
     facts: dict = {
@@ -316,7 +324,8 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     if masks is not None:
         facts["copy_differences"] = copy_differences(original_state, thin_state, masks)
     try:
-        thin = model_from_state(thin_state, checkpoint_name, facts["cfg_from_shapes"])
+        thin = model_from_state(thin_state, checkpoint_name, facts["cfg_from_shapes"],
+                                widest=data.widest)
     except CheckpointError as error:
         facts["thin_error"] = str(error)
         return facts
@@ -328,7 +337,7 @@ def prune_facts(work_dir: Path, state: dict, stdout: str, original_state: dict[s
     facts["collapsed"] = facts["majority_fraction"] >= COLLAPSE_FRACTION
     if masks is not None:
         masked = model_from_state(masked_state_dict(original_state, [torch.from_numpy(m) for m in masks]),
-                                  "the masked original")
+                                  "the masked original", widest=data.widest)
         facts["accuracy_masked_original"] = accuracy(masked, data.test_loader)
         facts["logits_max_diff"] = _logits_gap(thin, masked, data.test_loader)
     recalibrated = copy.deepcopy(thin)
@@ -373,7 +382,7 @@ def finetune_facts(checkpoint_path: Path, start_cfg: list | None, start_accuracy
              "start_accuracy": start_accuracy,
              "missing_keys": [k for k in ("epoch", "state_dict", "best_prec1", "optimizer")
                               if k not in checkpoint]}
-    model = model_from_state(state, checkpoint_path.name, cfg)
+    model = model_from_state(state, checkpoint_path.name, cfg, widest=data.widest)
     facts["accuracy"] = accuracy(model, data.test_loader)
     return facts
 
@@ -419,12 +428,24 @@ def _safe_cfg(state: dict[str, torch.Tensor]) -> list | None:
         return None
 
 
-def safely(step: Callable[[], dict]) -> dict:
-    """Run one evaluation; a checkpoint the grader cannot use becomes an ``error`` fact."""
+def safely(step: Callable[[], dict], label: str = "a checkpoint of this run") -> dict:
+    """Run one evaluation; whatever goes wrong in it becomes an ``error`` fact, and the
+    grading goes on with the next step.
+
+    A checkpoint the grader refuses says why itself (CheckpointError). Anything else a
+    student's tensors make the trusted code raise (a layer that does not fit, a tensor
+    kind torch cannot compare, ...) becomes one sentence naming ``label`` and the kind of
+    problem; the traceback goes to the debug log (the TA's --debug).
+    """
     try:
         return step()
     except CheckpointError as error:
         return {"error": str(error)}
+    except Exception as error:  # noqa: BLE001 - one evaluation step, never the whole grading
+        log.debug("evaluating %s failed", label, exc_info=True)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return {"error": f"{label} could not be evaluated ({type(error).__name__}"
+                         f"{': ' + reason if reason else ''}), so its checks are not scored."}
 
 
 # ---------------------------------------------------------------- the probes' inputs

@@ -279,11 +279,27 @@ def parse_cell(source: str) -> ast.Module | None:
         return None
 
 
+# literal_assignments reads a notebook's settings (short cells of a few KB); parsing and
+# evaluating a literal costs ~2 s and ~500 MB per MB of source (a tuple of a million
+# numbers), so it skips cells larger than this and stops after this much source in all.
+MAX_LITERAL_CELL_CHARS = 100_000
+MAX_LITERAL_TOTAL_CHARS = 1_000_000
+
+
 def literal_assignments(cells: Iterable[NotebookNode]) -> dict[str, list[object]]:
-    """Every plain literal a notebook assigns to a name, in order: ``{"EPOCHS": [120]}``."""
+    """Every plain literal a notebook assigns to a name, in order: ``{"EPOCHS": [120]}``.
+
+    Literals that cannot be built (an int past Python's digit limit, nesting past the
+    parser's) are skipped, as are cells past the size caps above.
+    """
     values: dict[str, list[object]] = {}
+    parsed = 0
     for cell in cells:
-        tree = parse_cell(cell.source) if cell.cell_type == "code" else None
+        source = cell.source if cell.cell_type == "code" and isinstance(cell.source, str) else ""
+        if len(source) > MAX_LITERAL_CELL_CHARS or parsed + len(source) > MAX_LITERAL_TOTAL_CHARS:
+            continue
+        parsed += len(source)
+        tree = parse_cell(source) if source else None
         for node in ast.walk(tree) if tree is not None else ():
             if not isinstance(node, ast.Assign):
                 continue

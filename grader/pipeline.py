@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import json
 import posixpath
 import shutil
@@ -24,14 +25,15 @@ import numpy as np
 import torch
 
 from grader import __version__
-from grader.checkpoints import CheckpointError, load_student_checkpoint, state_dict_of
+from grader.checkpoints import (CheckpointError, check_layout, load_student_checkpoint,
+                                state_dict_of)
 from grader.diagnose import diagnose
 from grader.evaluate import (EDGE_RATIO, TrustedData, balanced_prune_state, compare_sparsity,
                              disguised_state, edge_case_state, finetune_facts, prune_facts, safely,
                              sparsity_facts)
 from grader.execute import Failure, RunResult, literal_assignments, parse_cell, read_notebook
 from grader.prepare import Submission, prepare
-from grader.runtime import HISTOGRAMS_KEY, MAX_HISTOGRAMS
+from grader.runtime import HISTOGRAMS_KEY, MAX_HISTOGRAMS, UPDATE_BN_KEY
 from grader.render import render
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
@@ -69,10 +71,12 @@ def student_lambda(notebook: Path | None) -> float | None:
         return None
     try:
         values = literal_assignments(read_notebook(notebook).cells).get("LAMBDA", [])
-    except Exception:  # an unreadable notebook: its runs say why
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        # float() of an int of 400 digits overflows; 1e400 is a literal for inf.
+        value = float(numbers[-1]) if numbers else None
+    except Exception:  # an unreadable notebook (its runs say why), or a LAMBDA no float holds
         return None
-    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return float(numbers[-1]) if numbers else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def probe_seed(notebook: Path | None) -> int:
@@ -214,7 +218,8 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
 
     def sparsity(run_id: str) -> dict | None:
         path = written(run_id, WEIGHT_PATH)
-        return safely(lambda: sparsity_facts(path, data)) if path else None
+        return safely(lambda: sparsity_facts(path, data),
+                      f"{path.name} of the {run_id} run") if path else None
 
     def pruned(run_id: str, original: dict, ratio: float) -> dict | None:
         result = results.get(run_id)
@@ -222,7 +227,8 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
             return None
         name = result.artifacts.get(PRUNE_PATH, PRUNE_PATH)
         facts = safely(lambda: prune_facts(work_root / run_id, result.state, result.stdout_text,
-                                           original, ratio, data, name))
+                                           original, ratio, data, name),
+                       f"{name} of the {run_id} run")
         if result.failure:
             facts["run_failure"] = result.failure.message
         return facts
@@ -233,7 +239,8 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
             return None
         start = start or {}
         cfg = start.get("cfg_from_shapes") or start.get("cfg")
-        return safely(lambda: finetune_facts(path, cfg, start.get("accuracy"), data, start_state))
+        return safely(lambda: finetune_facts(path, cfg, start.get("accuracy"), data, start_state),
+                      f"{path.name} of the {run_id} run")
 
     evaluation: dict = {"runs": {}, "sparsity": {}, "prune": {}, "chained": {"lambda": own_lambda},
                         "student_lambda": own_lambda}
@@ -264,14 +271,14 @@ def evaluate_all(results: dict[str, RunResult | None], work_root: Path, data: Tr
     chained["sparsity"] = sparsity(own_sparse) if own_sparse != "sparsity" else lam
     chained["prune"] = {}
     own_checkpoint = written(own_sparse, WEIGHT_PATH)
-    own_state = _own_state(own_checkpoint) if own_checkpoint else None
+    own_state = _own_state(own_checkpoint, data.widest) if own_checkpoint else None
     for ratio in profile.prune_ratios:
         facts = pruned(f"chained-prune-{ratio}", own_state, ratio) if own_state else None
         if facts is not None:
             chained["prune"][str(ratio)] = facts
     own_pruned = written(f"chained-prune-{profile.finetune_ratio}", PRUNE_PATH)
     chained_finetune = tuned("chained-finetune", chained["prune"].get(str(profile.finetune_ratio)),
-                             _own_state(own_pruned) if own_pruned else None)
+                             _own_state(own_pruned, data.widest) if own_pruned else None)
     if chained_finetune is not None:
         chained["finetune"] = chained_finetune
     evaluation["reference"] = reference_summary(manifest, profile)
@@ -293,10 +300,13 @@ def gamma_quantiles(gammas: dict[str, list[float] | None]) -> dict[str, list[flo
             for run_id, values in gammas.items() if values}
 
 
-def _own_state(path: Path) -> dict | None:
-    """The student's own sparse weights, the original of the chained pruning runs."""
+def _own_state(path: Path, widest: list) -> dict | None:
+    """The student's own sparse weights, the original of the chained pruning runs; None
+    unless laid out as the profile's VGG (``widest``, its full cfg) or thinner."""
     try:
-        return state_dict_of(load_student_checkpoint(path), path.name)
+        state = state_dict_of(load_student_checkpoint(path), path.name)
+        check_layout(state, path.name, widest)
+        return state
     except CheckpointError:
         return None
 
@@ -308,7 +318,18 @@ def _run_summary(result: RunResult | None) -> dict:
             "failure": _failure_dict(result), "usable": result.usable,
             "missing": result.missing, "images": result.images,
             "histograms": _histograms(result.state.get(HISTOGRAMS_KEY)),
+            "update_bn_probe": _update_bn_probe(result.state.get(UPDATE_BN_KEY)),
             "output_truncated": result.output_truncated}
+
+
+def _update_bn_probe(raw: object) -> dict | None:
+    """The kernel's report of updateBN on a probe network, kept only as plain booleans."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("ran"), bool):
+        return None
+    if not raw["ran"]:
+        return {"ran": False, "why": str(raw.get("why", ""))[:300]}
+    flags = ("bn_grad_ok", "others_untouched", "weights_untouched")
+    return {"ran": True, **{flag: raw.get(flag) is True for flag in flags}}
 
 
 def _histograms(raw: object) -> list[dict]:

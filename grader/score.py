@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from grader.evaluate import EDGE_RATIO
 from grader.diagnose import (Diagnosis, copy_exact, copy_issues, has_single_channel_layer,
-                             looks_like_train_mode)
+                             looks_like_train_mode, probe_mismatch, update_bn_probe)
+from grader.evaluate import EDGE_RATIO
 
 UPDATEBN_FAMILY = {"updatebn-after-step", "updatebn-wrong-sign", "updatebn-not-sign",
-                   "updatebn-on-weights", "l1-all-parameters"}
+                   "updatebn-on-weights", "l1-all-parameters", "updatebn-probe-mismatch"}
 PRUNE_RUNS = ("prune-0.5", "prune-0.9", "prune-edge")
 
 
@@ -132,6 +132,9 @@ def update_bn(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Out
     found = sorted(UPDATEBN_FAMILY & _ids(diagnoses))
     if found:
         return 0.0, f"updateBN is wrong: {', '.join(found)}."
+    probe = update_bn_probe(evaluation)
+    if probe is not None and probe_mismatch(probe):
+        return 0.0, f"updateBN on a probe network: {'; '.join(probe_mismatch(probe))}."
     if any(evaluation.get("sparsity", {}).get(k, {}).get("copied_from") for k in ("lambda", "lambda0")):
         return 0.0, "The sparse checkpoint was not trained by the notebook (checkpoint-not-trained)."
     c = evaluation.get("sparsity", {}).get("comparison")

@@ -144,14 +144,12 @@ def layout_problem(state_dict: dict[str, torch.Tensor], widest: Sequence[int | s
     if len(convs) != len(widths):
         return f"it has {len(convs)} convolution layers, the lab's VGG has {len(widths)}"
     convs.sort()
-    expected_places = [int(k.split(".")[1]) for k in state_dict_shapes(widest, num_classes)
-                       if k.endswith(".weight") and k.count(".") == 2
-                       and len(state_dict_shapes(widest, num_classes)[k]) == 4]
-    places = [index for index, _ in convs]
-    if places != expected_places:
-        return ("its convolutions are not where the lab's VGG has them (feature."
-                f"{places[:6]}... instead of {expected_places[:6]}...): a max-pool is "
-                "missing, extra or moved")
+    expected_places = [int(key.split(".")[1]) for key, shape
+                       in state_dict_shapes(widest, num_classes).items() if len(shape) == 4]
+    for layer, ((place, _), expected) in enumerate(zip(convs, expected_places)):
+        if place != expected:
+            return (f"layer {layer} is feature.{place}, where the lab's VGG has feature."
+                    f"{expected} (a max-pool missing, extra or moved)")
     cfg: list[int | str] = []
     layer = 0
     for v in widest:

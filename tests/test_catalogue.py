@@ -110,3 +110,23 @@ def test_masks_matching_no_known_mistake_say_what_differs_and_name_no_cause():
     assert ids(evaluation_with({"0.5": odd})) == {"masks-differ"}
     inverted = prune_facts(mask_strategy="inverted", mask_correct=False, mask_layers_wrong=[0, 1])
     assert ids(evaluation_with({"0.5": inverted})) == {"mask-inverted"}
+
+
+def test_an_updatebn_that_fails_the_probe_loses_the_blank_even_with_sparse_gammas():
+    evaluation = evaluation_with({})
+    evaluation["sparsity"]["comparison"] = {
+        "small_fraction": 0.6, "reference_small_fraction": 0.5, "baseline_small_fraction": 0.0,
+        "mean_abs": 0.1, "reference_mean_abs": 0.1, "baseline_mean_abs": 0.5,
+        "max_diff_to_baseline": 0.4, "conv_small_fraction": 0.0, "baseline_conv_small_fraction": 0.0}
+
+    def update_bn(evaluation):
+        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+        return next(c for c in checks if c.id == "blank-updateBN")
+
+    assert update_bn(evaluation).status == "pass"
+    probe = {"ran": True, "bn_grad_ok": False, "others_untouched": True, "weights_untouched": True}
+    evaluation["runs"]["sparsity"]["update_bn_probe"] = probe  # gammas shrunk after training
+    assert "updatebn-probe-mismatch" in ids(evaluation)
+    assert update_bn(evaluation).status == "fail"
+    evaluation["runs"]["sparsity"]["update_bn_probe"] = {"ran": False, "why": "TypeError"}
+    assert update_bn(evaluation).status == "pass"  # an updateBN with other arguments: stats decide

@@ -159,3 +159,30 @@ def test_cells_run_past_an_error_and_a_hard_coded_budget_is_the_profiles_doing(t
     assert "EPOCHS" in result.errors[0].profile_cause and result.errors[0].cell_index == 2
     assert "after the error" in result.stdout_text
     assert result.artifacts == {"model_best.pth": "best_model.pth"} and result.usable
+
+
+def test_update_bn_probe_tells_the_l1_step_from_its_mistakes():
+    from torch import nn
+
+    from grader.runtime import probe_update_bn
+
+    def notebook(body: str) -> dict:
+        namespace = {"torch": torch, "nn": nn, "LAMBDA": 5e-3, "model": "the notebook's model"}
+        exec(f"def updateBN():\n    for m in model.modules():\n{body}", namespace)
+        return namespace
+
+    right = notebook("        if isinstance(m, nn.BatchNorm2d):\n"
+                     "            m.weight.grad.data.add_(LAMBDA * torch.sign(m.weight.data))\n")
+    assert probe_update_bn(right) == {"ran": True, "bn_grad_ok": True, "others_untouched": True,
+                                      "weights_untouched": True}
+    assert right["model"] == "the notebook's model"  # restored after the call
+    l2 = notebook("        if isinstance(m, nn.BatchNorm2d):\n"
+                  "            m.weight.grad.data.add_(LAMBDA * m.weight.data)\n")
+    assert probe_update_bn(l2)["bn_grad_ok"] is False
+    everything = notebook("        for p in m.parameters(recurse=False):\n"
+                          "            p.grad.data.add_(LAMBDA * torch.sign(p.data))\n")
+    assert probe_update_bn(everything)["others_untouched"] is False
+    on_weights = notebook("        if isinstance(m, nn.BatchNorm2d):\n"
+                          "            m.weight.data.sub_(LAMBDA * torch.sign(m.weight.data))\n")
+    assert probe_update_bn(on_weights)["weights_untouched"] is False
+    assert probe_update_bn({"LAMBDA": 1e-4}) is None

@@ -49,6 +49,7 @@ STATE_NAMES = ("LAMBDA", "SPARSITY_REGULARIZATION", "PRUNE_PERCENT", "EPOCHS", "
 SKIPPED_KEY = "_skipped"
 SAVED_KEY = "_saved"
 HISTOGRAMS_KEY = "_histograms"
+UPDATE_BN_KEY = "_update_bn"  # what the notebook's updateBN did on a probe network
 # A state value bigger than this once encoded is skipped: the grader needs masks and
 # short lists, and a student's stray giant tensor must not fill the disk.
 MAX_VALUE_BYTES = 4_000_000
@@ -325,6 +326,7 @@ def dump_state(namespace: dict, state_file: str) -> None:
         state[SKIPPED_KEY] = skipped
         state[SAVED_KEY] = list(_saved)
         state[HISTOGRAMS_KEY] = list(_histograms)
+        state[UPDATE_BN_KEY] = probe_update_bn(namespace)
         folder = _settings.get("work_dir") or os.getcwd()
         path = os.path.join(folder, state_file)
         tmp = path + ".tmp"
@@ -333,6 +335,55 @@ def dump_state(namespace: dict, state_file: str) -> None:
         os.replace(tmp, path)
     except Exception as error:
         print(f"[slimgrade] could not save the notebook's state: {error}", file=sys.stderr)
+
+
+def probe_update_bn(namespace: dict) -> dict | None:
+    """Call the notebook's ``updateBN`` on a small known network and report what it did.
+
+    The sparsity check otherwise sees only the trained gammas, which a notebook could shrink
+    after training. The probe network has one conv and one BN layer with zero gradients;
+    a correct ``updateBN`` adds ``LAMBDA * sign(gamma)`` to the BN weight's gradient and
+    touches nothing else. ``model`` is swapped for the probe network during the call (the
+    lab's ``updateBN()`` reads the global) and restored after. None when there is no
+    ``updateBN``; ``{"ran": False, ...}`` when it could not be called on the probe.
+    """
+    update, lam = namespace.get("updateBN"), namespace.get("LAMBDA")
+    if not callable(update):
+        return None
+    if type(lam) not in (int, float) or lam == 0:
+        return {"ran": False, "why": "LAMBDA is not a non-zero number"}
+    import torch
+
+    probe = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        probe[0].weight.fill_(0.1)
+        probe[1].weight.copy_(torch.tensor([0.5, -0.3, 0.2, -0.7]))
+    for parameter in probe.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    before = [p.detach().clone() for p in probe.parameters()]
+    had_model, saved = "model" in namespace, namespace.get("model")
+    namespace["model"] = probe
+    try:
+        try:
+            update()
+        except TypeError:
+            update(probe)
+    except Exception as error:
+        return {"ran": False, "why": f"{type(error).__name__}: {str(error)[:200]}"}
+    finally:
+        if had_model:
+            namespace["model"] = saved
+        else:
+            namespace.pop("model", None)
+    expected = lam * torch.sign(before[1])
+    bn_grad = probe[1].weight.grad
+    return {"ran": True,
+            "bn_grad_ok": bool(bn_grad is not None and torch.allclose(bn_grad, expected,
+                                                                      rtol=1e-4, atol=1e-9)),
+            "others_untouched": all(p.grad is None or not p.grad.any()
+                                    for p in (probe[0].weight, probe[1].bias)),
+            "weights_untouched": all(torch.equal(p.detach(), b)
+                                     for p, b in zip(probe.parameters(), before))}
 
 
 class _Unconvertible(TypeError):
