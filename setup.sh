@@ -22,5 +22,5 @@ system_packages
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.14.1 and torchvision==0.29.1 are pinned in pyproject.toml: no other torch is pulled in.
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,cluster]'  # cluster: Dask, for batch --scheduler/--cluster and its tests
 echo "setup: done. Run the tests with: .venv/bin/python -m pytest -n 2"

@@ -32,6 +32,8 @@ atomically after every finished submission.
 Failures. Whatever one grading raises (a folder without notebooks, a harness
 bug, a grading process that dies) becomes that student's result: score 0 and a
 ``failures`` entry of kind ``exception``. The batch goes on with the others.
+On a Dask cluster (grader/cluster.py), a grading whose workers died under it on every
+try becomes a failure of kind ``worker-lost``.
 
 Deadline. A grading that is still running after ``grading_deadline_s`` (every run
 of the grading using its whole budget, with a margin) is stopped like a Ctrl-C stops
@@ -72,7 +74,6 @@ import threading
 import time
 import traceback
 import unicodedata
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,8 +84,10 @@ from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from urllib.parse import quote
 
-from grader.prepare import PrepareError, lab_notebooks_in, top_level_notebooks
+from grader.prepare import (PrepareError, archive_problem, lab_notebooks_in,
+                            top_level_notebooks)
 from grader.progress import Progress, duration
+from grader.untrusted import remove_tree
 
 RESULT, REPORT, NOTEBOOKS = "result.json", "report.html", "notebooks"
 GRADEBOOK, SUMMARY = "gradebook.csv", "summary.html"
@@ -111,6 +114,8 @@ STOP_GRACE_S = 10.0  # from SIGTERM to SIGKILL: a grading kills its kernels, rem
 DEADLINE_MARGIN = 1.5
 DEADLINE_ALLOWANCE_S = 600.0
 TIMEOUT_KIND = "timeout"
+# On a Dask cluster (grader/cluster.py): every worker that ran the grading died under it.
+WORKER_LOST_KIND = "worker-lost"
 POLL_S = 0.5
 SUMMARY_TEXT_CHARS = 300
 FAILURE_KIND = "exception"
@@ -247,10 +252,17 @@ def select_entries(entries: list[Entry], only: list[str] | None, exclude: list[s
 
 def no_submission(entry: Entry) -> bool:
     """A folder, or a readable .zip, that holds none of the lab's notebooks. (A .zip that does
-    not open was handed in all the same: its grading says what is wrong with it.)"""
-    if entry.path.is_file() and not zipfile.is_zipfile(entry.path):
+    not open was handed in all the same: its grading says what is wrong with it.)
+
+    A problem met while looking (a .zip too large to list, a folder that cannot be read)
+    is that student's alone: the hand-in counts as handed in and its grading says why.
+    """
+    try:
+        if entry.path.is_file() and archive_problem(entry.path) is not None:
+            return False
+        return not lab_notebooks_in(entry.path)
+    except Exception:  # noqa: BLE001 - one student's hand-in, never the whole class
         return False
-    return not lab_notebooks_in(entry.path)
 
 
 def is_finished(out: Path, sid: str) -> bool:
@@ -485,7 +497,7 @@ def run_task(task: Task) -> None:
                        bundle=bundle_fields(task.bundle))
     finally:  # also when stopped (SIGTERM); the batch removes it too, should we be killed
         if task.scratch is not None:
-            shutil.rmtree(task.scratch, ignore_errors=True)
+            remove_tree(task.scratch)
     commit(task.partial, task.out / task.sid)
 
 
@@ -983,7 +995,8 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
                 device: str | None = None, workers: int = 1, force: bool = False,
                 rubric_path: Path | None = None, cache_root: Path | None = None,
                 run_cache: Path | None = None, only: list[str] | None = None,
-                exclude: list[str] | None = None, stream=None, bundle=None) -> list[dict]:
+                exclude: list[str] | None = None, stream=None, bundle=None,
+                runner: Callable[..., object] | None = None) -> list[dict]:
     """Grade every submission of ``class_dir`` into ``out``; the gradebook rows, in id order.
 
     ``bundle`` (--bundle: a folder or archive; None: the one shipped with the profile) is
@@ -1014,7 +1027,8 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
         if pending:
             resolved = ensure_reference(profile, cache_root, data_root, device, bundle)
             _warn_other_bundles(book, resolved, stream)
-            _Scheduler(book, pending, profile, workers=workers, data_root=data_root, device=device,
+            # runner: where the gradings run (grader.cluster.ClusterScheduler on a Dask cluster)
+            (runner or _Scheduler)(book, pending, profile, workers=workers, data_root=data_root, device=device,
                        rubric_path=rubric_path, cache_root=cache_root, run_cache=run_cache,
                        stream=stream, bundle=resolved).run()
         else:
@@ -1188,7 +1202,7 @@ class _Scheduler:
         try:
             process.start()
         except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_tree(scratch)
             raise
         self.running[process.sentinel] = _Grading(entry, process, partial, graded_before, slot,
                                                   scratch, time.monotonic() + limit_s, limit_s)
@@ -1210,7 +1224,7 @@ class _Scheduler:
         # exiting has committed too if its partial folder is gone and a result is there.
         committed = is_finished(self.book.out, entry.id) and (
             process.exitcode == 0 or (not partial.exists() and not grading.graded_before))
-        shutil.rmtree(grading.scratch, ignore_errors=True)  # the work root of a killed grading
+        remove_tree(grading.scratch)  # the work root of a killed grading (kernels' folders)
         if committed:
             pass
         elif self.stop.is_set():
@@ -1250,7 +1264,7 @@ class _Scheduler:
         for grading in self.running.values():
             if grading.partial.exists():
                 _remove(grading.partial)
-            shutil.rmtree(grading.scratch, ignore_errors=True)
+            remove_tree(grading.scratch)
             self.book.load(grading.entry.id)
         self.running.clear()
 

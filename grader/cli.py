@@ -136,6 +136,75 @@ def device(text: str) -> str:
     return text
 
 
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N by its form only: ``batch`` checks it against this machine in
+    ``check_usage``, unless the gradings run on a cluster (whose workers have the GPUs)."""
+    name = text.strip().lower()
+    if name == "cpu" or re.fullmatch(r"cuda(?::\d+)?", name):
+        return name
+    return device(text)  # not a device: the sentence that lists the devices found
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give 0 or more.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is too small: give 0 or more.")
+    return value
+
+
+def walltime(text: str) -> str:
+    """A Slurm time limit: HH:MM:SS, or D-HH:MM:SS."""
+    if not re.fullmatch(r"(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time limit: give HH:MM:SS or "
+                                         "D-HH:MM:SS (e.g. 12:00:00 or 2-00:00:00).")
+    return text.strip()
+
+
+def memory_size(text: str) -> str:
+    """Memory of a Slurm job as Dask reads it: 64GB, 500MB, 1.5TB."""
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", text.strip(), re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of memory: give e.g. 64GB.")
+    return text.strip()
+
+
+SLURM_ONLY = ("jobs", "gpus_per_job", "partition", "walltime", "cores_per_job", "memory_per_job")
+
+
+def cluster_problem(args: argparse.Namespace) -> str:
+    """What is wrong with batch's cluster options (one sentence), or ""."""
+    on_cluster = args.scheduler or args.cluster
+    given = [f"--{name.replace('_', '-')}" for name in SLURM_ONLY if getattr(args, name) is not None]
+    if args.scheduler and args.cluster:
+        return ("give --scheduler ADDRESS (a cluster that is running) or --cluster slurm (one "
+                "started for this batch), not both.")
+    if given and args.cluster != "slurm":
+        return (f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} the Slurm jobs of "
+                "--cluster slurm: add it" + (" (with --scheduler the workers are already there)."
+                                             if args.scheduler else "."))
+    if not on_cluster:
+        return ""
+    if args.workers is not None:
+        return ("--workers sizes the local pool: on a cluster each worker grades as many hand-ins "
+                "at once as it has threads (or GPUs); leave --workers out.")
+    import importlib.util
+
+    needed = ["distributed"] + (["dask_jobqueue"] if args.cluster == "slurm" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{', '.join(missing)} is not installed: install the cluster extra, "
+                "pip install 'slimgrade[cluster]' (Dask and dask-jobqueue).")
+    if args.cluster == "slurm":
+        import shutil
+
+        if shutil.which("sbatch") is None:
+            return ("sbatch is not on this machine's PATH: run the batch on the cluster's login "
+                    "node, or start Dask workers yourself and give --scheduler ADDRESS.")
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grader import __version__
     from reference.profiles import PROFILES
@@ -152,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     anywhere.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(command: argparse.ArgumentParser, profile_default: str) -> None:
+    def common(command: argparse.ArgumentParser, profile_default: str, device_type=device) -> None:
         command.add_argument("--profile", choices=sorted(PROFILES), default=profile_default,
                              help="data, width, epochs and tolerances (default: %(default)s)")
         command.add_argument("--data-root", type=existing_folder, default=None,
                              help="folder holding cifar-10-batches-py/ (the full profile)")
-        command.add_argument("--device", type=device, default=None,
+        command.add_argument("--device", type=device_type, default=None,
                              help="cpu, cuda or cuda:N (default: CUDA when present)")
         command.add_argument("--cache", type=output_folder, default=None,
                              help="where --bundle archives are unpacked (default: ~/.cache/slimgrade)")
@@ -192,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = add("batch", "grade every submission in a folder")
     batch.add_argument("path", type=existing_folder)
     batch.add_argument("--out", type=output_folder, required=True)
-    batch.add_argument("--workers", type=positive_int, default=1, help="submissions graded at once")
+    batch.add_argument("--workers", type=positive_int, default=None,
+                       help="submissions graded at once on this machine (default 1)")
     batch.add_argument("--force", action="store_true", help="grade again what is already graded")
     batch.add_argument("--only", nargs="+", metavar="ID", default=None,
                        help="grade only these hand-ins (student ids or folder/.zip names), again "
@@ -202,7 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--rubric", type=rubric_file, default=None)
     batch.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
-    common(batch, "quick")
+    cluster = batch.add_argument_group(
+        "on a Dask cluster", "grade on other machines (pip install 'slimgrade[cluster]'); "
+        "results come back into --out as on this machine")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                         help="the scheduler of a running Dask cluster, e.g. tcp://host:8786")
+    cluster.add_argument("--cluster", choices=["slurm"], default=None,
+                         help="start a cluster for this batch: slurm (through dask-jobqueue)")
+    cluster.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                         help="Slurm jobs to submit (default 1)")
+    cluster.add_argument("--gpus-per-job", type=non_negative_int, default=None, metavar="G",
+                         help="GPUs per job, one grading per GPU (default 0; 1 with --device cuda)")
+    cluster.add_argument("--partition", default=None, metavar="P", help="the Slurm partition")
+    cluster.add_argument("--walltime", type=walltime, default=None, metavar="T",
+                         help="each job's time limit, HH:MM:SS (default 02:00:00 quick, "
+                              "48:00:00 full): longer than one grading")
+    cluster.add_argument("--cores-per-job", type=positive_int, default=None, metavar="C",
+                         help="CPUs per job (default 4 per grading slot)")
+    cluster.add_argument("--memory-per-job", type=memory_size, default=None, metavar="M",
+                         help="memory per job, e.g. 64GB (default: twice the profile's memory "
+                              "limit of a run, plus 4 GB, per grading slot)")
+    common(batch, "quick", device_type=device_name)
     bundle_option(batch, "the expected bundle every grading uses")
 
     reference = add("reference", "build a profile's expected bundle, or check a rebuild's drift")
@@ -233,6 +323,14 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.command == "batch":
         from grader.batch import BatchError, class_entries
 
+        problem = cluster_problem(args)
+        if problem:
+            parser.error(problem)
+        if args.device is not None and not (args.scheduler or args.cluster):
+            try:  # on a cluster the workers have the GPUs, not this machine
+                device(args.device)
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"argument --device: {error}")
         try:
             class_entries(args.path, args.out, args.only, args.exclude)
         except BatchError as error:
@@ -429,10 +527,20 @@ def summary_text(result: dict) -> str:
 def run_batch(args: argparse.Namespace) -> int:
     from grader.batch import batch_summary, grade_class
 
-    rows = grade_class(args.path, args.out, _profile(args), data_root=args.data_root,
-                       device=args.device, workers=args.workers, force=args.force,
-                       rubric_path=args.rubric, cache_root=args.cache, run_cache=args.run_cache,
-                       only=args.only, exclude=args.exclude, bundle=args.found_bundle)
+    options = dict(data_root=args.data_root, device=args.device, force=args.force,
+                   rubric_path=args.rubric, cache_root=args.cache, run_cache=args.run_cache,
+                   only=args.only, exclude=args.exclude, bundle=args.found_bundle)
+    if args.scheduler or args.cluster:  # Dask is imported only here
+        from grader.cluster import ClusterSpec, grade_class_on_cluster
+
+        spec = ClusterSpec(scheduler=args.scheduler, cluster=args.cluster, jobs=args.jobs or 1,
+                           gpus_per_job=args.gpus_per_job or 0, partition=args.partition,
+                           walltime=args.walltime, cores_per_job=args.cores_per_job,
+                           memory_per_job=args.memory_per_job)
+        rows = grade_class_on_cluster(args.path, args.out, _profile(args), spec, **options)
+    else:
+        rows = grade_class(args.path, args.out, _profile(args), workers=args.workers or 1,
+                           **options)
     print(batch_summary(rows, args.out))
     return 0
 
@@ -463,12 +571,14 @@ def verify_reference(args: argparse.Namespace) -> int:
 
     from reference.bundle import build_bundle
     from reference.drift import compare_bundles, drift_table
+    from reference.store import content_hash
 
     baseline = args.found_bundle
     rebuilt = args.out or Path(tempfile.mkdtemp(prefix="slimgrade-verify-"))
     try:
         build_bundle(_profile(args), rebuilt, args.data_root, args.device)
         rows = compare_bundles(baseline.path, rebuilt)
+        same = content_hash(rebuilt) == baseline.hash
     finally:
         if args.out is None:
             shutil.rmtree(rebuilt, ignore_errors=True)
@@ -482,6 +592,8 @@ def verify_reference(args: argparse.Namespace) -> int:
               f"{len(drifted)} past their tolerance ({', '.join(drifted[:6])}"
               f"{', ...' if len(drifted) > 6 else ''})." if drifted else
               "all within tolerance (docs/design.md, \"Bundles\")."))
+    if same:
+        print("The rebuild is bit-identical to it (same hash).")
     return DRIFT_FOUND if drifted else 0
 
 

@@ -420,11 +420,13 @@ def checkpoint_not_trained(evaluation: dict) -> Finding | None:
 # ---------------------------------------------------------------- prepare
 
 @diagnosis("zip-entry-refused", "prepare",
-           "Zip the submission folder itself: no entry may be an absolute path, contain '..' "
-           "or be a link.")
+           "Zip the submission folder itself: no entry may be an absolute path, contain '..', "
+           "be a link, lie more than 32 folders deep, have a name longer than 255 bytes or be "
+           "both a file and a folder.")
 def zip_entry_refused(evaluation: dict) -> Finding | None:
     refused = evaluation.get("prepare", {}).get("refused_entries", [])
     if not refused:
         return None
-    return (f"{len(refused)} entr{'y' if len(refused) == 1 else 'ies'} of the .zip would land "
-            "outside the submission folder and were not unpacked.", refused[:20])
+    return (f"{len(refused)} entr{'y' if len(refused) == 1 else 'ies'} of the hand-in would land "
+            "outside the submission folder or cannot be created there (too deep, a name too "
+            "long or clashing with another) and were not unpacked.", refused[:20])

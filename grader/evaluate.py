@@ -148,18 +148,34 @@ def mask_strategies(model: nn.Module, ratio: float, min_channels: int) -> dict[s
     def correct(k: int) -> list[np.ndarray]:
         return [m.numpy().astype(np.int64) for m in compute_masks(model, ratio, k).cfg_mask]
 
+    def with_min_rules(forms: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Each form as it is, and with a min-channel rule on top: a layer keeping fewer than
+        k channels keeps its top-k |gamma|, its top-k signed gamma, or its first k."""
+        rules = [lambda m, g: _top_k(m, np.abs(g), min_channels),
+                 lambda m, g: _top_k(m, g, min_channels), lambda m, g: first_k(m)]
+        return forms + [[rule(m, g) for m, g in zip(form, gammas)] for form in forms for rule in rules]
+
     # The min-channel rule is an ungraded TODO: any "keep at least k" gives a correct mask.
     return {
         "correct": [correct(min_channels), above(magnitudes, threshold)[1]],
         "correct-without-min-rule": [correct(0)],
         **{f"correct-min-{k}": [correct(k)] for k in range(1, MAX_MIN_CHANNELS + 1) if k != min_channels},
-        "inverted": [[(m <= threshold).astype(np.int64) for m in magnitudes],
-                     [(m < threshold).astype(np.int64) for m in magnitudes]],
-        "signed": above(gammas, signed_threshold),
-        "per-layer": [per_layer(True), per_layer(False)],
-        "descending": above(magnitudes, descending_threshold),
+        "inverted": with_min_rules([[(m <= threshold).astype(np.int64) for m in magnitudes],
+                                    [(m < threshold).astype(np.int64) for m in magnitudes]]),
+        "signed": with_min_rules(above(gammas, signed_threshold)),
+        "per-layer": with_min_rules([per_layer(True), per_layer(False)]),
+        "descending": with_min_rules(above(magnitudes, descending_threshold)),
         "first-k": [[first_k((m > threshold).astype(np.int64)) for m in magnitudes]],
     }
+
+
+def _top_k(mask: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """``mask`` with its ``k`` highest-scoring channels kept when it keeps fewer than ``k``."""
+    if mask.sum() >= k:
+        return mask
+    mask = mask.copy()
+    mask[np.argsort(-score, kind="stable")[:k]] = 1
+    return mask
 
 
 def inverted_by_evidence(masks: list[np.ndarray], model: nn.Module, threshold: float) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import ctypes
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ from pathlib import Path
 
 import nbformat
 import psutil
+import zmq
+from jupyter_client.asynchronous import AsyncKernelClient
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
@@ -97,8 +100,23 @@ KERNEL_USER_NAME = "student"
 ERROR_TAIL_LINES = 15
 MESSAGE_VALUE_CHARS = 300
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\))")
-_CARRIAGE_RETURN = re.compile(r".*\r(?=[^\n])")
-_BACKSPACE = re.compile("[^\n]\x08")
+# Output: no frame of a kernel message may be larger (the connection drops and the message is
+# lost); an error output keeps its ename and evalue, and each line of its traceback, to
+# ERROR_FIELD_CHARS, its traceback to ERROR_CHARS in all; stream text received, before
+# carriage returns and backspaces are resolved, may total RAW_STREAM_FACTOR times the limit.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+ERROR_FIELD_CHARS = 1000
+ERROR_CHARS = 8000
+RAW_STREAM_FACTOR = 32
+# A failure's error_tail: each line cut to this many characters, the whole to ERROR_TAIL_CHARS.
+ERROR_TAIL_LINE_CHARS = 300
+ERROR_TAIL_CHARS = 12_000
+# Open files no path reaches (memfds, deleted files), looked at once a second, at most
+# MAX_FDS_PER_PROCESS descriptors of each process; files on these file systems are memory.
+FILES_INTERVAL_S = 1.0
+MAX_FDS_PER_PROCESS = 4096
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "hugetlbfs")
+CLONE_NEWIPC = 0x08000000
 
 TRUSTED_MODELS_INIT = "from .vgg import vgg, defaultcfg\n\n__all__ = ['vgg', 'defaultcfg']\n"
 TRUSTED_VGG = '''"""The lab's VGG, supplied by the grader in place of the submitted models/ folder.
@@ -305,7 +323,8 @@ def literal_assignments(cells: Iterable[NotebookNode]) -> dict[str, list[object]
                 continue
             try:
                 value = ast.literal_eval(node.value)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError,
+                    OverflowError):
                 continue
             for target in node.targets:
                 if isinstance(target, ast.Name):
@@ -491,12 +510,35 @@ def choose_sandbox(requested: bool | None) -> bool:
     return False
 
 
+class BoundedKernelClient(AsyncKernelClient):
+    """The kernel client whose sockets take no message frame over ``MAX_MESSAGE_BYTES``.
+
+    ``zmq.MAXMSGSIZE``, set on the client's own zmq context before any socket exists: a
+    larger frame resets the connection (zmq reconnects) and its message is lost, so no one
+    message costs the grader more than that. A lost execute reply ends the cell as a timeout.
+    """
+
+    def _context_default(self) -> zmq.asyncio.Context:
+        context = super()._context_default()
+        context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        return context
+
+
 class OutputCappedClient(NotebookClient):
     """NotebookClient that keeps at most ``limit_bytes`` of output in the notebook.
 
     Stream text is merged into the cell's previous stream output as it arrives and
-    carriage returns are resolved there, so progress bars cost only what they finally
-    show. Past the limit, outputs are dropped (errors excepted) and one line says so.
+    carriage returns and backspaces are resolved there, so progress bars cost only what
+    they finally show. Each message's text is clipped to the room left before anything
+    else, and only it and the output's current last line are resolved, in linear time
+    (``_resolve_control_characters``); the stream text received may total
+    ``RAW_STREAM_FACTOR`` times the limit. Display data counts with its metadata, and so do
+    display updates (``update_display_data``, a ``display_id`` shown again), by what they
+    add. Error outputs are clipped to a few KB (``_clipped_error``) and count too; past the
+    limit only a cell's first error is still kept, so that its failure stays readable.
+    Past the limit, other outputs are dropped and one line says so. Comm messages
+    (widgets) are ignored: nbclient would keep their state, unbounded, in the notebook's
+    metadata. The client nbclient makes for ``km`` is a ``BoundedKernelClient``.
     Cells that display an image/png are recorded even when the image itself is dropped.
     """
 
@@ -504,19 +546,24 @@ class OutputCappedClient(NotebookClient):
         super().__init__(nb, **kwargs)
         self.limit_bytes = limit_bytes
         self.kept_bytes = 0
+        self.raw_stream_bytes = 0  # stream text received, before resolution
         self.truncated = False
         self.image_positions: set[int] = set()
         self.clear_before_next_output = False  # nbclient sets it per cell; defined before any
+        self.store_widget_state = False
+        if self.km is not None:
+            self.km.client_factory = BoundedKernelClient
 
     def output(self, outs: list[NotebookNode], msg: dict, display_id: str | None,
                cell_index: int) -> NotebookNode | None:
         msg_type = msg["msg_type"]
         content = msg["content"]
-        if msg_type in ("display_data", "execute_result") \
-                and "image/png" in content.get("data", {}):
+        data = content.get("data")
+        if msg_type in ("display_data", "execute_result") and isinstance(data, dict) \
+                and "image/png" in data:
             self.image_positions.add(cell_index)
-        if msg_type == "error" or self.output_hook_stack[msg["parent_header"].get("msg_id")]:
-            return super().output(outs, msg, display_id, cell_index)
+        if msg_type == "error":
+            return self._keep_error(outs, msg, display_id, cell_index)
         if self.truncated:
             return None
         if msg_type == "stream":
@@ -524,33 +571,80 @@ class OutputCappedClient(NotebookClient):
                 outs[:] = []
                 self.clear_display_id_mapping(cell_index)
                 self.clear_before_next_output = False
-            return self._keep_stream(outs, content.get("name", "stdout"), content.get("text", ""))
-        size = len(json.dumps(content.get("data", {})))
+            text = content.get("text", "")
+            return self._keep_stream(outs, content.get("name", "stdout"),
+                                     text if isinstance(text, str) else "")
+        size = _display_size(content)
         if self.kept_bytes + size > self.limit_bytes:
             self._cut(outs)
             return None
         self.kept_bytes += size
         return super().output(outs, msg, display_id, cell_index)
 
+    def _keep_error(self, outs: list[NotebookNode], msg: dict, display_id: str | None,
+                    cell_index: int) -> NotebookNode | None:
+        first = not any(out.get("output_type") == "error" for out in outs)
+        if self.truncated and not first:
+            return None
+        content = _clipped_error(msg["content"])
+        size = len(json.dumps(content))
+        if not first and self.kept_bytes + size > self.limit_bytes:
+            self._cut(outs)
+            return None
+        self.kept_bytes += size
+        return super().output(outs, {**msg, "content": content}, display_id, cell_index)
+
     def _keep_stream(self, outs: list[NotebookNode], name: str, text: str) -> NotebookNode | None:
-        room = self.limit_bytes - self.kept_bytes
+        self.raw_stream_bytes += len(text)
+        room = max(self.limit_bytes - self.kept_bytes, 0)
+        cut = len(text) > room  # a character is at least a byte: clip before encoding
+        text = text[:room]
         encoded = text.encode("utf-8", "replace")
-        cut = len(encoded) > room
-        if cut:
-            text = encoded[:max(room, 0)].decode("utf-8", "ignore")
-        if outs and outs[-1].get("output_type") == "stream" and outs[-1].get("name") == name:
-            out = outs[-1]
-            before = len(out.text.encode("utf-8", "replace"))
-            out.text = _resolve_control_characters(out.text + text)
-            self.kept_bytes += len(out.text.encode("utf-8", "replace")) - before
+        if len(encoded) > room:
+            cut = True
+            text = encoded[:room].decode("utf-8", "ignore")
+        last = outs[-1] if outs else None
+        if last is not None and last.get("output_type") == "stream" and last.get("name") == name:
+            out = last
+            start = out.text.rfind("\n") + 1  # earlier lines are resolved for good
+            tail = out.text[start:]
+            resolved = _resolve_control_characters(tail + text)
+            out.text = out.text[:start] + resolved
+            self.kept_bytes += len(resolved.encode("utf-8", "replace")) \
+                - len(tail.encode("utf-8", "replace"))
         else:
             out = nbformat.v4.new_output("stream", name=name,
                                          text=_resolve_control_characters(text))
             outs.append(out)
             self.kept_bytes += len(out.text.encode("utf-8", "replace"))
-        if cut:
+        if cut or self.raw_stream_bytes > RAW_STREAM_FACTOR * self.limit_bytes:
             self._cut(outs)
         return out
+
+    def _update_display_id(self, display_id: str, msg: dict) -> None:
+        """nbclient's, within the limit: the update replaces the data of every output shown
+        with ``display_id``; what that adds counts, and past the limit the update is dropped."""
+        if self.truncated or display_id not in self._display_id_map:
+            return
+        size = _display_size(msg["content"])
+        grown, last_cell = 0, None
+        for cell_index, positions in self._display_id_map[display_id].items():
+            outputs = self.nb.cells[cell_index].outputs
+            for position in positions:
+                if position < len(outputs):
+                    grown += size - _display_size(outputs[position])
+                    last_cell = outputs
+        if last_cell is None:
+            return
+        if self.kept_bytes + grown > self.limit_bytes:
+            self._cut(last_cell)
+            return
+        self.kept_bytes += grown
+        super()._update_display_id(display_id, msg)
+
+    def handle_comm_msg(self, outs: list[NotebookNode], msg: dict, cell_index: int) -> None:
+        """Comm messages are ignored: no widget state in the notebook, no Output widget mimic."""
+        return None
 
     def _cut(self, outs: list[NotebookNode]) -> None:
         self.truncated = True
@@ -562,14 +656,86 @@ class OutputCappedClient(NotebookClient):
             text=f"{newline}[slimgrade: output cut after {self.limit_bytes} bytes]\n"))
 
 
+def _display_size(content: dict) -> int:
+    """What a display output costs: its data and metadata as JSON."""
+    return len(json.dumps({"data": content.get("data", {}),
+                           "metadata": content.get("metadata", {})}))
+
+
+def _clipped_error(content: dict) -> dict:
+    """An error message's ename, evalue and traceback cut to a few KB.
+
+    ename and evalue keep ``ERROR_FIELD_CHARS`` each, every line of the traceback as
+    much; of the traceback's entries, the first ones and the last ones that fit in half of
+    ``ERROR_CHARS`` each (at least one of each), one entry saying how many were left out.
+    """
+    def clip(value: object, limit: int) -> str:
+        text = value if isinstance(value, str) else str(value)
+        return text if len(text) <= limit else text[:limit] + "..."
+
+    def entry(value: object) -> str:
+        return "\n".join(clip(line, ERROR_FIELD_CHARS)
+                         for line in clip(value, ERROR_CHARS // 2).split("\n"))
+
+    traceback = content.get("traceback")
+    entries = traceback if isinstance(traceback, list) else []
+
+    def fit(indices: Iterable[int]) -> list[str]:
+        kept: list[str] = []
+        used = 0
+        for index in indices:
+            text = entry(entries[index])
+            if kept and used + len(text) > ERROR_CHARS // 2:
+                break
+            kept.append(text)
+            used += len(text)
+        return kept
+
+    head = fit(range(len(entries)))
+    tail = fit(range(len(entries) - 1, len(head) - 1, -1))[::-1]
+    left_out = len(entries) - len(head) - len(tail)
+    middle = [f"[... {left_out} traceback entries left out ...]"] if left_out else []
+    return {"ename": clip(content.get("ename", ""), ERROR_FIELD_CHARS),
+            "evalue": clip(content.get("evalue", ""), ERROR_FIELD_CHARS),
+            "traceback": head + middle + tail}
+
+
 def _resolve_control_characters(text: str) -> str:
+    """``text`` as a terminal leaves it, line by line, in time linear in its length.
+
+    On each line, a carriage return followed by more of the line drops what came before
+    it (a run of them ending the line is kept as one: the line may go on in the next
+    chunk), and a backspace the character before it (at the line's start, nothing).
+    Resolving a text, then its last line with what follows, equals resolving it all.
+    """
     if "\r" not in text and "\x08" not in text:
         return text
-    previous = None
-    while previous != text:
-        previous = text
-        text = _BACKSPACE.sub("", text)
-    return _CARRIAGE_RETURN.sub("", text)
+    return "\n".join(_resolve_line(line) for line in text.split("\n"))
+
+
+def _resolve_line(line: str) -> str:
+    if "\r" not in line and "\x08" not in line:
+        return line
+    body = line.rstrip("\r")
+    ending = "\r" if len(body) < len(line) else ""
+    body = body[body.rfind("\r") + 1:]
+    if "\x08" in body:
+        # From the right: each backspace deletes the nearest character left of it that no
+        # later backspace took (what a terminal's cursor does, without the quadratic cost).
+        parts = body.split("\x08")
+        pieces: list[str] = []
+        pending = 0
+        for index in range(len(parts) - 1, -1, -1):
+            part = parts[index]
+            if pending < len(part):
+                pieces.append(part[:len(part) - pending])
+                pending = 0
+            else:
+                pending -= len(part)
+            if index:
+                pending += 1
+        body = "".join(reversed(pieces))
+    return body + ending
 
 
 class MemoryWatch(threading.Thread):
@@ -586,10 +752,16 @@ class MemoryWatch(threading.Thread):
     sandbox's own tmpfs mounts hold (``tmpfs_usage``: files in its /tmp and /dev/shm are
     memory even when no process maps them), so a kernel cannot park memory there; a
     mapped tmpfs page counts twice, which honest kernels (a few DataLoader batches) never
-    notice.
+    notice. Also added, looked at once a second: memory in files the tree holds open that
+    no path reaches (``open_file_usage``: memfds, deleted files on another tmpfs), and the
+    System V shared memory segments of the kernel's IPC namespace (``sysv_shm_usage``,
+    attached or not), which this thread joins to see them (``join_ipc_namespace``); only
+    those of ``kernel_uid`` count when it is given.
 
-    The work dir is summed up at most once a second (``work_dir_usage``), from outside:
-    RLIMIT_FSIZE bounds each file, this bounds how many there are.
+    The work dir and the socket folder (``socket_dir``, bound read-write into the
+    sandbox) are summed up at most once a second (``work_dir_usage``), from outside, with
+    the deleted files the tree still holds open on disk: RLIMIT_FSIZE bounds each file,
+    this bounds how many there are.
 
     Once ``abort_kernels`` was called (the grader is being stopped), every watch kills
     its kernel within ``WATCH_INTERVAL_S``, so that no run waits out its budget.
@@ -597,18 +769,26 @@ class MemoryWatch(threading.Thread):
 
     def __init__(self, root: psutil.Process, limit_bytes: int, work_dir: Path | None = None,
                  disk_limit_bytes: int | None = None,
-                 tmpfs: dict[str, int] | None = None) -> None:
+                 tmpfs: dict[str, int] | None = None, socket_dir: Path | None = None,
+                 kernel_uid: int | None = None) -> None:
         super().__init__(name="slimgrade-memory-watch", daemon=True)
         self.root = root
         self.limit_bytes = limit_bytes
         self.work_dir = work_dir
+        self.socket_dir = socket_dir
         self.disk_limit_bytes = disk_limit_bytes
         self.tmpfs = dict(tmpfs or {})  # sandbox mount point -> its size (as bwrap made it)
+        self.kernel_uid = kernel_uid
         self.exceeded = False  # a limit was passed and the kernel killed
         self.reason: str | None = None  # "memory", "disk", or "aborted" (not a limit)
         self._stop_event = threading.Event()
         self._next_proportional = 0.0
         self._next_disk = 0.0
+        self._next_files = 0.0
+        self._files_memory = 0  # open_file_usage and sysv_shm_usage, as last looked at
+        self._files_disk = 0
+        self._filesystems: dict[int, str] = {}  # device -> file system type
+        self._in_kernel_ipc = False  # this thread joined the kernel's IPC namespace
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -624,14 +804,19 @@ class MemoryWatch(threading.Thread):
                 kill_processes(processes)
                 return
             now = time.monotonic()
+            if now >= self._next_files:
+                self._next_files = now + FILES_INTERVAL_S
+                self._files_memory, self._files_disk = self._open_files(processes)
             if self.work_dir is not None and self.disk_limit_bytes is not None \
                     and now >= self._next_disk:
                 self._next_disk = now + DISK_INTERVAL_S
-                used, entries = work_dir_usage(self.work_dir, self.disk_limit_bytes)
-                if used > self.disk_limit_bytes or entries > MAX_WORK_DIR_ENTRIES:
+                folders = [self.socket_dir] if self.socket_dir is not None else []
+                used, entries = work_dir_usage(self.work_dir, self.disk_limit_bytes, folders)
+                if used + self._files_disk > self.disk_limit_bytes \
+                        or entries > MAX_WORK_DIR_ENTRIES:
                     self._kill("disk", processes)
                     return
-            held = tmpfs_usage(processes, self.tmpfs)
+            held = tmpfs_usage(processes, self.tmpfs) + self._files_memory
             if quick_memory(processes) + held <= self.limit_bytes:
                 continue
             if now < self._next_proportional:
@@ -640,6 +825,16 @@ class MemoryWatch(threading.Thread):
             if proportional_memory(processes) + held > self.limit_bytes:
                 self._kill("memory", processes)
                 return
+
+    def _open_files(self, processes: list[psutil.Process]) -> tuple[int, int]:
+        """(memory, disk) in open files no path reaches and in System V shared memory."""
+        skip = sandbox_tmpfs_devices(processes, self.tmpfs)
+        memory, disk = open_file_usage(processes, skip, self._filesystems)
+        if not self._in_kernel_ipc:
+            self._in_kernel_ipc = join_ipc_namespace(processes)
+        if self._in_kernel_ipc or self.kernel_uid is not None:
+            memory += sysv_shm_usage(self.kernel_uid)
+        return memory, disk
 
     def _kill(self, reason: str, processes: list[psutil.Process]) -> None:
         self.reason = reason
@@ -660,15 +855,17 @@ def abort_kernels() -> None:
     _ABORT.set()
 
 
-def work_dir_usage(folder: Path, limit_bytes: int) -> tuple[int, int]:
-    """(bytes allocated, entries) under ``folder``, links never followed, each inode once.
+def work_dir_usage(folder: Path, limit_bytes: int,
+                   also: Iterable[Path] = ()) -> tuple[int, int]:
+    """(bytes allocated, entries) under ``folder`` and the folders ``also`` names (the
+    socket folder), links never followed, each inode once.
 
     Stops counting once either passes its limit (``limit_bytes``, ``MAX_WORK_DIR_ENTRIES``):
     a hostile work dir costs at most that much walking.
     """
     total, entries = 0, 0
     seen: set[tuple[int, int]] = set()
-    pending = [os.fspath(folder)]
+    pending = [os.fspath(folder), *(os.fspath(other) for other in also)]
     while pending:
         try:
             scanner = os.scandir(pending.pop())
@@ -718,6 +915,161 @@ def tmpfs_usage(processes: list[psutil.Process], mounts: dict[str, int]) -> int:
         except OSError:
             continue
     return 0
+
+
+def sandbox_tmpfs_devices(processes: list[psutil.Process], mounts: dict[str, int]) -> set[int]:
+    """The devices of the sandbox's tmpfs ``mounts``, found as ``tmpfs_usage`` finds them
+    (whose count of them includes their deleted files); empty when it would count nothing."""
+    if not mounts:
+        return set()
+    try:
+        own = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return set()
+    for process in processes:
+        try:
+            if os.readlink(f"/proc/{process.pid}/ns/mnt") == own:
+                continue
+            devices = set()
+            for mount, size in mounts.items():
+                path = f"/proc/{process.pid}/root{mount}"
+                info = os.statvfs(path)
+                if info.f_blocks * info.f_frsize != size:
+                    raise OSError(f"{mount} is not the sandbox's tmpfs yet")
+                devices.add(os.stat(path).st_dev)
+            return devices
+        except OSError:
+            continue
+    return set()
+
+
+def open_file_usage(processes: list[psutil.Process], skip_devices: set[int],
+                    filesystems: dict[int, str]) -> tuple[int, int]:
+    """(memory, disk): bytes allocated to files the ``processes`` hold open that no path
+    reaches, each file (device and inode) once.
+
+    Memory: memfds (``/proc/<pid>/fd/*`` links to "/memfd:...") and deleted files (no link
+    left) on a tmpfs; disk: deleted regular files anywhere else. Deleted files on
+    ``skip_devices`` (the sandbox's own tmpfs, which ``tmpfs_usage`` counts whole) are left
+    out. At most ``MAX_FDS_PER_PROCESS`` descriptors of each process are looked at. File
+    system types come from the processes' mountinfo, cached in ``filesystems``
+    (device -> type); a device none lists counts as disk.
+    """
+    memory, disk = 0, 0
+    seen: set[tuple[int, int]] = set()
+    read_mounts: set[int] = set()
+    for process in processes:
+        pid = process.pid
+        try:
+            scanner = os.scandir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        with scanner:
+            for count, entry in enumerate(scanner):
+                if count >= MAX_FDS_PER_PROCESS:
+                    break
+                try:
+                    target = os.readlink(entry.path)
+                    memfd = target.startswith("/memfd:")
+                    if not memfd and not target.endswith(" (deleted)"):
+                        continue
+                    info = os.stat(entry.path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(info.st_mode) or info.st_nlink:
+                    continue
+                key = (info.st_dev, info.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                size = info.st_blocks * 512
+                if memfd:
+                    memory += size
+                    continue
+                if info.st_dev in skip_devices:
+                    continue
+                if info.st_dev not in filesystems and pid not in read_mounts:
+                    read_mounts.add(pid)
+                    filesystems.update(_mount_types(pid))
+                if filesystems.get(info.st_dev) in MEMORY_FILESYSTEMS:
+                    memory += size
+                else:
+                    disk += size
+    return memory, disk
+
+
+def _mount_types(pid: int, max_lines: int = 10_000) -> dict[int, str]:
+    """Device -> file system type of the mounts /proc/<pid>/mountinfo lists."""
+    types: dict[int, str] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for _, line in zip(range(max_lines), handle):
+                fields, _, rest = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) > 2 and rest.split():
+                    major, _, minor = parts[2].partition(":")
+                    types[os.makedev(int(major), int(minor))] = rest.split()[0]
+    except (OSError, ValueError):
+        pass
+    return types
+
+
+def join_ipc_namespace(processes: list[psutil.Process]) -> bool:
+    """Move the calling thread (only it: setns(2)) into the IPC namespace of the first of
+    ``processes`` whose namespace is not the thread's own (the sandbox's, --unshare-ipc),
+    so that /proc/sysvipc/shm lists the kernel's segments; True once it moved."""
+    try:
+        own = os.readlink("/proc/thread-self/ns/ipc")
+    except OSError:
+        return False
+    for process in processes:
+        path = f"/proc/{process.pid}/ns/ipc"
+        try:
+            if os.readlink(path) == own:
+                continue
+            handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            _setns(handle, CLONE_NEWIPC)
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(handle)
+    return False
+
+
+def _setns(handle: int, kind: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12
+    if setns is not None:
+        setns(handle, kind)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(handle, kind) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def sysv_shm_usage(uid: int | None) -> int:
+    """Bytes (resident and swapped) of the System V shared memory segments in the calling
+    thread's IPC namespace (/proc/sysvipc/shm), attached or not; only ``uid``'s if given."""
+    total = 0
+    try:
+        with open("/proc/sysvipc/shm", encoding="ascii", errors="replace") as handle:
+            header = handle.readline().split()
+            column = {name: k for k, name in enumerate(header)}
+            for line in handle:
+                row = line.split()
+                if uid is not None and int(row[column["uid"]]) != uid:
+                    continue
+                if "rss" in column and "swap" in column:
+                    total += int(row[column["rss"]]) + int(row[column["swap"]])
+                else:
+                    total += int(row[column["size"]])
+    except (OSError, ValueError, IndexError, KeyError):
+        return total
+    return total
 
 
 def process_tree(root: psutil.Process) -> list[psutil.Process]:
@@ -896,7 +1248,9 @@ class _Run:
         profile = self.spec.profile
         watch = MemoryWatch(root, profile.memory_limit_mb * 1024 * 1024, self.work_dir,
                             profile.disk_limit_mb * 1024 * 1024,
-                            sandbox.tmpfs_mounts() if self.sandboxed else None) \
+                            sandbox.tmpfs_mounts() if self.sandboxed else None,
+                            socket_dir=self.temporary_socket_dir,
+                            kernel_uid=self.lease.uid if self.lease is not None else None) \
             if root is not None else None
         try:
             if watch is not None:
@@ -1166,11 +1520,13 @@ def _traceback_tail(error_output: NotebookNode, max_lines: int = 60, library_fra
     models/vgg.py), the ``library_frames`` library frames nearest the error (the others
     become one "[... N library frame(s) left out ...]" line), and the exception text; each
     frame cut to ``frame_lines`` lines around its arrow. Past ``max_lines`` in all, the
-    first and last lines are kept."""
+    first and last lines are kept. Each line is cut to ``ERROR_TAIL_LINE_CHARS`` and the
+    whole to about ``ERROR_TAIL_CHARS`` (``_bounded_lines``)."""
     text = _strip_ansi("\n".join(error_output.get("traceback", [])))
     lines = text.splitlines()
     if not lines:
-        return f"{error_output.get('ename', '')}: {error_output.get('evalue', '')}"
+        return _bounded_lines(
+            f"{error_output.get('ename', '')}: {error_output.get('evalue', '')}".splitlines())
     frame_start = re.compile(r"(Cell In\s*\[\d+\]|Input In\s*\[\d+\]|<ipython-input-\d+-|File \S|\S[^ ]*\.py in )")
     own_cell = re.compile(r"(Cell In\s*\[|Input In\s*\[|<ipython-input-)")
     library = re.compile(r"(site-packages|dist-packages|/lib/python\d|/usr/lib/|/usr/local/lib/|<frozen )")
@@ -1217,7 +1573,19 @@ def _traceback_tail(error_output: NotebookNode, max_lines: int = 60, library_fra
     if len(out) > max_lines:
         head = max_lines // 3
         out = out[:head] + [f"[... {len(out) - max_lines} lines left out ...]"] + out[-(max_lines - head):]
-    return "\n".join(out)
+    return _bounded_lines(out)
+
+
+def _bounded_lines(lines: list[str]) -> str:
+    """``lines`` joined, each cut to ``ERROR_TAIL_LINE_CHARS``; past ``ERROR_TAIL_CHARS`` in
+    all, the first third and the last two thirds of that are kept."""
+    text = "\n".join(line if len(line) <= ERROR_TAIL_LINE_CHARS
+                     else line[:ERROR_TAIL_LINE_CHARS] + "..." for line in lines)
+    if len(text) <= ERROR_TAIL_CHARS:
+        return text
+    head = ERROR_TAIL_CHARS // 3
+    return (text[:head] + f"\n[... {len(text) - ERROR_TAIL_CHARS} characters left out ...]\n"
+            + text[-(ERROR_TAIL_CHARS - head):])
 
 
 def _strip_ansi(text: str) -> str:

@@ -39,7 +39,7 @@ from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
 from grader.schedule import PlannedRun, execute_all
 from grader.score import load_rubric, score
-from grader.untrusted import MAX_NOTEBOOK_BYTES, UntrustedFileError, read_bytes
+from grader.untrusted import MAX_NOTEBOOK_BYTES, UntrustedFileError, read_bytes, remove_tree
 from reference.bundle import (FINETUNE, SPARSE, SPARSE_LAMBDA0, environment, load_checkpoint,
                               load_manifest, loaders, prune_file)
 from reference.data import load_dataset
@@ -563,4 +563,4 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         return result
     finally:
         if not keep_work:
-            shutil.rmtree(work_root, ignore_errors=True)
+            remove_tree(work_root)  # a kernel may have nested folders thousands deep

@@ -6,6 +6,7 @@ import re
 import shutil
 import stat
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -13,6 +14,15 @@ NOTEBOOKS = ("sparsity_train", "vggprune", "train_prune_model")
 # Junk that archivers and Jupyter leave beside real notebooks.
 IGNORED_PARTS = {".ipynb_checkpoints", "__MACOSX"}
 MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+# Bounds on the shape of a hand-in (zip or folder), checked before anything is created.
+# An honest one is a few folders deep with tens of files; a hostile one can nest folders
+# thousands deep (Path.mkdir and rglob recurse once per level) or hold millions of
+# entries (each costs memory and a syscall). A Colab/Drive export stays under 10 levels.
+MAX_DEPTH = 32  # folders below the top of the hand-in
+MAX_ENTRIES = 10_000  # files and folders together; a hand-in with CIFAR-10 unpacked has ~60k
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems: a longer name cannot be created
+# How a refused entry is named in a report: a path 1500 folders deep is 3000+ characters.
+MAX_LABEL_CHARS = 200
 
 
 class PrepareError(Exception):
@@ -35,10 +45,56 @@ def _key(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
+class _TooManyEntries(PrepareError):
+    pass
+
+
+def _walk(root: Path, enter: Callable[[tuple[str, ...], os.DirEntry], bool]
+          ) -> Iterator[tuple[tuple[str, ...], os.DirEntry]]:
+    """Every entry below ``root`` with its path parts, without recursion or following links.
+
+    A folder is entered when ``enter`` says so and it lies less than MAX_DEPTH levels
+    down; an unreadable folder is passed over. Raises ``_TooManyEntries`` at the
+    (MAX_ENTRIES + 1)-th entry, before listing further.
+    """
+    stack: list[tuple[str, tuple[str, ...]]] = [(os.fspath(root), ())]
+    count = 0
+    while stack:
+        folder, parts = stack.pop()
+        try:
+            listing = os.scandir(folder)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                count += 1
+                if count > MAX_ENTRIES:
+                    raise _TooManyEntries(f"{Path(root).name} holds more than {MAX_ENTRIES} files "
+                                          "and folders: hand in the notebooks and models/ only.")
+                here = (*parts, entry.name)
+                yield here, entry
+                try:
+                    is_folder = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_folder = False
+                if is_folder and len(here) < MAX_DEPTH and enter(here, entry):
+                    stack.append((entry.path, here))
+
+
 def find_notebooks(root: Path) -> dict[str, Path | None]:
-    """Each lab notebook by a loose match of its name (case, separators), shallowest first."""
-    candidates = sorted((p for p in root.rglob("*.ipynb")
-                         if not IGNORED_PARTS & set(p.relative_to(root).parts)),
+    """Each lab notebook by a loose match of its name (case, separators), shallowest first.
+
+    The walk is bounded (MAX_DEPTH, MAX_ENTRIES; beyond them nothing more is looked at),
+    never follows a link, and counts only regular files."""
+    found_files: list[tuple[str, ...]] = []
+    try:
+        for parts, entry in _walk(root, lambda parts, entry: entry.name not in IGNORED_PARTS):
+            if parts[-1].lower().endswith(".ipynb") and not IGNORED_PARTS & set(parts) \
+                    and entry.is_file(follow_symlinks=False):
+                found_files.append(parts)
+    except (_TooManyEntries, OSError):
+        pass
+    candidates = sorted((Path(root).joinpath(*parts) for parts in found_files),
                         key=lambda p: (len(p.relative_to(root).parts), str(p)))
     found: dict[str, Path | None] = {}
     for name in NOTEBOOKS:
@@ -48,17 +104,69 @@ def find_notebooks(root: Path) -> dict[str, Path | None]:
     return found
 
 
+def _label(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[:MAX_LABEL_CHARS] + "…"
+
+
+def archive_problem(archive: Path) -> str | None:
+    """Why ``archive`` cannot be unpacked at all (not a readable .zip, more entries than
+    MAX_ENTRIES), else None. Only the end record is read: ZipFile() reads the whole
+    table of contents into memory before a single entry could be counted."""
+    try:
+        with open(archive, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        end = None
+    if end is None:
+        return f"{archive} is not a readable .zip file: zip the folder again."
+    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ENTRIES:  # type: ignore[attr-defined]
+        return (f"{archive.name} holds more than {MAX_ENTRIES} files and folders: hand in the "
+                "notebooks and models/ only.")
+    if end[zipfile._ECD_SIZE] > MAX_ENTRIES * 4096:  # type: ignore[attr-defined]
+        return (f"{archive.name} has a table of contents of more than {MAX_ENTRIES * 4096 >> 20} "
+                "MiB, far more than a hand-in needs: zip the folder again.")
+    return None
+
+
+def _claim(kinds: dict[tuple[str, ...], str], parts: tuple[str, ...], is_dir: bool) -> bool:
+    """Record ``parts`` as a folder or a file; False when it clashes with an earlier entry
+    (a file ``x`` and anything below ``x/``, or a folder where a file was)."""
+    folders = [parts[:i] for i in range(1, len(parts))] + ([parts] if is_dir else [])
+    if any(kinds.get(folder) == "file" for folder in folders):
+        return False
+    if not is_dir and kinds.get(parts) == "dir":
+        return False
+    kinds.update({folder: "dir" for folder in folders})
+    if not is_dir:
+        kinds[parts] = "file"
+    return True
+
+
 def safe_extract(archive: Path, target: Path) -> list[str]:
-    """Unpack ``archive`` into ``target``; entries that would land outside it are refused."""
+    """Unpack ``archive`` into ``target``; returns the names of the entries refused.
+
+    Refused: entries that would land outside ``target`` (absolute, '..', a drive letter, a
+    link), names no file system takes (a part longer than MAX_NAME_BYTES, a NUL byte),
+    paths more than MAX_DEPTH deep, and an entry clashing with an earlier one (a file ``x``
+    and an entry ``x/...``). An archive that cannot be unpacked at all is PrepareError.
+    """
+    problem = archive_problem(archive)
+    if problem is not None:
+        raise PrepareError(problem)
     refused: list[str] = []
+    kinds: dict[tuple[str, ...], str] = {}
     try:
         with zipfile.ZipFile(archive) as bundle:
             total = 0
             for entry in bundle.infolist():
                 path = PurePosixPath(entry.filename.replace("\\", "/"))
                 is_link = stat.S_ISLNK(entry.external_attr >> 16)
-                if path.is_absolute() or ".." in path.parts or is_link or re.match(r"^[A-Za-z]:", entry.filename):
-                    refused.append(entry.filename)
+                if (not path.parts or path.is_absolute() or ".." in path.parts or is_link
+                        or re.match(r"^[A-Za-z]:", entry.filename) or "\x00" in entry.filename
+                        or len(path.parts) > MAX_DEPTH
+                        or any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in path.parts)
+                        or not _claim(kinds, path.parts, entry.is_dir())):
+                    refused.append(_label(entry.filename))
                     continue
                 total += entry.file_size
                 if total > MAX_UNPACKED_BYTES:
@@ -72,21 +180,72 @@ def safe_extract(archive: Path, target: Path) -> list[str]:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 with bundle.open(entry) as source, destination.open("wb") as sink:
                     shutil.copyfileobj(source, sink)
+    except PrepareError:
+        raise
     except zipfile.BadZipFile:
         raise PrepareError(f"{archive} is not a readable .zip file: zip the folder again.") from None
+    except Exception as error:  # OSError, RecursionError, RuntimeError (encrypted), zlib.error
+        raise PrepareError(f"{archive.name} could not be unpacked ({type(error).__name__}: "
+                           f"{_label(str(error).strip().splitlines()[0] if str(error).strip() else '')}): "
+                           "zip the folder again.") from None
     return refused
 
 
-def _skipped(folder: str, names: list[str]) -> list[str]:
-    """Only plain files and folders are copied: not links (which could point at the grader's
-    files), FIFOs or devices (which would block or never end), checkpoints or data."""
-    def plain(name: str) -> bool:
-        try:
-            mode = os.lstat(os.path.join(folder, name)).st_mode
-        except OSError:
-            return False
-        return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
-    return [n for n in names if not plain(n) or n.endswith((".pth", ".pt", ".tar")) or n == "data"]
+def _skipped_name(name: str) -> bool:
+    """Checkpoints and data are never copied out of a hand-in folder."""
+    return name.endswith((".pth", ".pt", ".tar")) or name == "data"
+
+
+def copy_folder(source: Path, target: Path) -> list[str]:
+    """Copy the hand-in folder ``source`` into the existing ``target``; returns the names of
+    the folders refused for lying MAX_DEPTH deep (their contents are not looked at).
+
+    Only regular files and folders are copied, never through a link: not links (which
+    could point at the grader's files), FIFOs or devices (which would block or never
+    end), checkpoints or data. The walk is bounded (MAX_ENTRIES, MAX_DEPTH) and so is what
+    is copied (MAX_UNPACKED_BYTES, as for a .zip); PrepareError beyond those.
+    """
+    refused: list[str] = []
+    total = 0
+    try:
+        for parts, entry in _walk(source, lambda parts, entry: not _skipped_name(entry.name)):
+            if _skipped_name(entry.name):
+                continue
+            destination = target.joinpath(*parts)
+            if entry.is_dir(follow_symlinks=False):
+                if len(parts) >= MAX_DEPTH:
+                    refused.append(_label("/".join(parts) + "/"))
+                else:
+                    destination.mkdir(exist_ok=True)
+                continue
+            if entry.is_file(follow_symlinks=False):
+                total += _copy_regular(entry.path, destination, MAX_UNPACKED_BYTES - total,
+                                       source.name)
+    except PrepareError:
+        raise
+    except (OSError, RecursionError, ValueError) as error:
+        raise PrepareError(f"{source.name} could not be copied ({type(error).__name__}: "
+                           f"{_label(str(error))}): hand in a plain folder or a .zip.") from None
+    return refused
+
+
+def _copy_regular(path: str, destination: Path, budget: int, name: str) -> int:
+    """Copy ``path`` if it still is a regular file (opened without following a link or
+    waiting on a FIFO); the bytes written, PrepareError past ``budget``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0
+        written = 0
+        with destination.open("wb") as sink:
+            while chunk := source.read(1024 * 1024):
+                written += len(chunk)
+                if written > budget:
+                    raise PrepareError(f"{name} holds more than {MAX_UNPACKED_BYTES >> 20} MiB "
+                                       "besides checkpoints and data: hand in the notebooks "
+                                       "and models/ only.")
+                sink.write(chunk)
+    return written
 
 
 def prepare(submission: Path, work_root: Path) -> Submission:
@@ -99,7 +258,7 @@ def prepare(submission: Path, work_root: Path) -> Submission:
     root.mkdir(parents=True, exist_ok=True)
     refused: list[str] = []
     if submission.is_dir():
-        shutil.copytree(submission, root, dirs_exist_ok=True, ignore=_skipped)
+        refused = copy_folder(submission, root)
     elif zipfile.is_zipfile(submission):
         refused = safe_extract(submission, root)
     else:
@@ -120,10 +279,12 @@ def lab_notebooks_in(path: Path) -> set[str]:
     path = Path(path)
     if path.is_dir():
         return {name for name, found in find_notebooks(path).items() if found is not None}
+    if archive_problem(path) is not None:
+        return set()
     try:
         with zipfile.ZipFile(path) as bundle:
             names = [PurePosixPath(n.replace("\\", "/")) for n in bundle.namelist()]
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, ValueError, zipfile.BadZipFile):
         return set()
     stems = [_key(n.stem) for n in names
              if n.suffix.lower() == ".ipynb" and not IGNORED_PARTS & set(n.parts)]
@@ -168,10 +329,13 @@ def hand_in_problem(submission: Path) -> str | None:
                     submission.suffix.lower() == ".zip" else
                     f"{submission} is neither a folder nor a .zip file: give the folder (or .zip) "
                     "that holds sparsity_train.ipynb, vggprune.ipynb and train_prune_model.ipynb.")
+        problem = archive_problem(submission)
+        if problem is not None:
+            return problem
         try:
             with zipfile.ZipFile(submission) as bundle:
                 bundle.infolist()
-        except (OSError, zipfile.BadZipFile):
+        except (OSError, ValueError, zipfile.BadZipFile):
             return f"{submission} is not a readable .zip file: zip the folder again."
     if not lab_notebooks_in(submission):
         return (f"{submission} holds none of the lab's notebooks ("

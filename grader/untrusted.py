@@ -229,6 +229,55 @@ def copy_file(source: Path, destination: Path, max_bytes: int,
     return len(data)
 
 
+def remove_tree(path: Path) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)`` without recursion and without following
+    any link: a kernel can leave folders nested thousands deep in its work dir, and the
+    recursive rmtree of Python 3.11 meets them with RecursionError (not an OSError, so
+    ``ignore_errors`` does not help). Folders are entered by descriptor one at a time, so
+    neither the path length nor the number of open descriptors grows with the depth.
+    What cannot be removed is left in place.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:  # a file, a link or nothing: removed (a link, never its target) if there
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    names: list[str] = []  # the folders entered below ``path``, outermost first
+    try:
+        while True:
+            folder = None
+            with os.scandir(fd) as listing:
+                for entry in listing:
+                    if entry.is_dir(follow_symlinks=False):
+                        folder = folder or entry.name
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+            if folder is not None:
+                child = os.open(folder, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(folder)
+                continue
+            if not names:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    except OSError:
+        pass  # ignore_errors: stop at the first thing that will not go
+    finally:
+        os.close(fd)
+    if not names:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 # ------------------------------------------------------------------------------- JSON
 
 def _too_deep(value: Any, max_depth: int) -> bool:
@@ -403,6 +452,25 @@ def _check_archive(data: bytes, label: str, limits: CheckpointLimits) -> None:
                                  "far more than a checkpoint's keys and lists.")
 
 
+# The dtypes a state_dict and its optimizer state hold (int64: BN's num_batches_tracked).
+# Sparse, nested and quantized tensors, complex and float8 dtypes are none of the lab's, and
+# the grader's tensor code (torch.equal, slicing, load_state_dict) fails on several of them.
+ALLOWED_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "uint8", "bool")
+
+
+def _tensor_kind_problem(tensor: Any, torch: Any) -> str | None:
+    """What is wrong with the kind of ``tensor`` (not its size), or None for a plain one."""
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.layout != torch.strided:
+        return f"a tensor of layout {str(tensor.layout).removeprefix('torch.')} (not dense)"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    if tensor.dtype not in {getattr(torch, name) for name in ALLOWED_DTYPES}:
+        return f"a tensor of dtype {str(tensor.dtype).removeprefix('torch.')}"
+    return None
+
+
 def _check_loaded(loaded: Any, label: str, limits: CheckpointLimits) -> None:
     """Tensors within size, containers not too deep nor cyclic; each object counted once."""
     import torch
@@ -421,6 +489,10 @@ def _check_loaded(loaded: Any, label: str, limits: CheckpointLimits) -> None:
             if id(item) in seen:
                 continue
             seen.add(id(item))
+            kind = _tensor_kind_problem(item, torch)
+            if kind is not None:
+                raise UntrustedFileError(f"{label} holds {kind}: a checkpoint of the lab holds "
+                                         "plain dense tensors only (save model.state_dict()).")
             numel = item.numel()
             if numel > limits.max_tensor_numel:
                 raise UntrustedFileError(

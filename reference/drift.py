@@ -20,7 +20,7 @@ from reference.store import load_manifest
 # Tolerances (docs/design.md, "Bundles"). Measured: the quick bundle rebuilt five ways on one
 # machine (one thread instead of two; oneDNN limited to AVX2, with one thread and with two;
 # oneDNN limited to SSE4.1 with ATen's generic kernels; without oneDNN) drifted at most
-# about two thirds of each tolerance below.
+# about four fifths of each tolerance below.
 ACCURACY_PP = 8.0  # best test accuracy of the two sparsity trainings (percentage points)
 RECALIBRATED_PP = 12.0  # accuracy of a thin model after re-estimating its BN statistics
 FINETUNE_PP = 20.0  # best accuracy of a few epochs fine-tuning the 90 % model

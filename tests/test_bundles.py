@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 import zipfile
@@ -269,3 +268,34 @@ def test_a_rebuilt_quick_bundle_stays_within_the_documented_drift(tmp_path, caps
     assert "all within tolerance" in out
     assert recorded_hash(tmp_path / "rebuilt") == content_hash(tmp_path / "rebuilt")
     assert within_tolerance(compare_bundles(SHIPPED_QUICK, tmp_path / "rebuilt"))
+
+
+def test_verify_exits_3_when_a_rebuild_drifts(tmp_path, capsys, monkeypatch):
+    import reference.bundle
+
+    def drifting_build(profile, out, *args, **kwargs):
+        shutil.copytree(SHIPPED_QUICK, out, dirs_exist_ok=True)
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+        manifest["finetune"]["best_prec1"] += 40
+        (Path(out) / MANIFEST).write_text(json.dumps(manifest))
+        write_bundle_hash(out)
+        return manifest
+
+    monkeypatch.setattr(reference.bundle, "build_bundle", drifting_build)
+    code, out, _ = run_cli(["reference", "--profile", "quick", "--verify"], capsys)
+    assert code == cli.DRIFT_FOUND == 3
+    assert "DRIFT" in out and "1 past their tolerance (finetune/best_prec1)" in out
+
+
+REBUILDS = sorted((ROOT / "tests" / "data" / "rebuilds").glob("*.json"))
+
+
+@pytest.mark.parametrize("manifest", REBUILDS, ids=[p.stem for p in REBUILDS])
+def test_the_measured_rebuilds_stay_within_the_documented_drift(manifest):
+    """The manifests of the quick bundle rebuilt five ways (docs/design.md, "Bundles"): none
+    is bit-equal to the shipped one, every one is within tolerance."""
+    shipped = json.loads((SHIPPED_QUICK / MANIFEST).read_text())
+    rebuilt = json.loads(manifest.read_text())
+    assert rebuilt["sparsity"]["lambda"]["gamma"] != shipped["sparsity"]["lambda"]["gamma"]
+    rows = compare_manifests(shipped, rebuilt)
+    assert within_tolerance(rows), [(r.figure, r.drift) for r in rows if r.ok is False]

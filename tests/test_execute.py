@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,10 @@ import nbformat
 import psutil
 import pytest
 import torch
+import zmq
+from jupyter_client.manager import AsyncKernelManager
 
+import grader.execute as execute
 import grader.runtime as runtime
 from grader import sandbox
 from grader.execute import (INJECTED_TAG, STATE_FILE, OutputCappedClient, RunResult, RunSpec,
@@ -121,6 +125,11 @@ def stream_msg(text: str, name: str = "stdout") -> dict:
             "parent_header": {"msg_id": "m"}, "header": {"msg_type": "stream"}}
 
 
+def message(msg_type: str, content: dict) -> dict:
+    return {"msg_type": msg_type, "content": content, "parent_header": {"msg_id": "m"},
+            "header": {"msg_type": msg_type}, "metadata": {}, "buffers": []}
+
+
 def test_output_cap_merges_streams_resolves_progress_bars_and_cuts_once():
     client = OutputCappedClient(nbformat.v4.new_notebook(), limit_bytes=100)
     outs: list = []
@@ -139,6 +148,100 @@ def test_output_cap_merges_streams_resolves_progress_bars_and_cuts_once():
              "parent_header": {"msg_id": "m"}, "header": {"msg_type": "error"}}
     client.output(outs, error, None, 0)
     assert outs[-1].output_type == "error"  # errors are kept past the cap
+
+
+def terminal(text: str) -> str:
+    """What _resolve_control_characters should give, one character at a time."""
+    lines, line, carriage_return = [], [], False
+    for char in text:
+        if char == "\n":
+            lines.append("".join(line) + ("\r" if carriage_return else "") + "\n")
+            line, carriage_return = [], False
+        elif char == "\r":
+            carriage_return = True
+        else:
+            if carriage_return:
+                line, carriage_return = [], False
+            if char != "\x08":
+                line.append(char)
+            elif line:
+                line.pop()
+    return "".join(lines) + "".join(line) + ("\r" if carriage_return else "")
+
+
+def test_control_characters_resolve_like_a_terminal_on_the_new_text_only(monkeypatch):
+    resolve = execute._resolve_control_characters
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab\r\x08\n") for _ in range(rng.randint(0, 24)))
+        assert resolve(text) == terminal(text), repr(text)
+        split = rng.randint(0, len(text))  # resolving chunk by chunk gives the same
+        first = resolve(text[:split])
+        start = first.rfind("\n") + 1
+        assert first[:start] + resolve(first[start:] + text[split:]) == resolve(text)
+    for big in ("a" * 2_000_000 + "\r", "a" * 2_000_000 + "\rb", "ab\x08" * 700_000 + "\r\n"):
+        assert resolve(big) == terminal(big)  # the old regex took hours on the first one
+    calls: list[int] = []
+    monkeypatch.setattr(execute, "_resolve_control_characters",
+                        lambda text: calls.append(len(text)) or resolve(text))
+    client = OutputCappedClient(nbformat.v4.new_notebook(), limit_bytes=10_000_000)
+    outs: list = []
+    client.output(outs, stream_msg("line\r\n" * 200_000), None, 0)
+    client.output(outs, stream_msg("a" * 2_000_000 + "\r"), None, 0)
+    for step in range(1000):
+        client.output(outs, stream_msg(f"\rstep {step:4d}"), None, 0)
+    # Only the message's text and the output's current last line are resolved, never the rest.
+    assert calls[:3] == [1_200_000, 2_000_001, 2_000_011]
+    assert max(calls[3:]) <= 20
+    assert outs[0].text == "line\r\n" * 200_000 + "step  999"
+    assert client.kept_bytes == len(outs[0].text)
+
+
+def test_errors_display_updates_and_comms_stay_within_the_limit():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x"), nbformat.v4.new_code_cell("y")]
+    client = OutputCappedClient(nb, limit_bytes=50_000)
+    cell, other = nb.cells
+    huge = {"ename": "E" * 100_000, "evalue": "v" * 5_000_000,
+            "traceback": ["frame\n" * 100_000] * 50 + ["ValueError: " + "v" * 5_000_000]}
+    for _ in range(20):
+        client.process_message(message("error", huge), cell, 0)
+    errors = [out for out in cell.outputs if out.output_type == "error"]
+    assert 1 <= len(errors) < 10 and client.truncated  # counted, then cut
+    assert len(json.dumps(cell.outputs)) < 70_000
+    assert errors[0].traceback[-1].startswith("ValueError: vvv")  # the last entry is kept
+    client.process_message(message("error", huge), other, 1)
+    assert [out.output_type for out in other.outputs] == ["error"]  # a cell's first error stays
+
+    client = OutputCappedClient(nb, limit_bytes=50_000)
+    cell.outputs, other.outputs = [], []
+    shown = {"data": {"text/plain": "0%"}, "metadata": {}, "transient": {"display_id": "bar"}}
+    client.process_message(message("display_data", shown), cell, 0)
+    client.process_message(message("update_display_data", {**shown, "data": {
+        "text/plain": "50%"}}), other, 1)
+    assert cell.outputs[0].data["text/plain"] == "50%"
+    client.process_message(message("update_display_data", {**shown, "metadata": {
+        "x": "m" * 100_000}}), other, 1)
+    assert cell.outputs[0].data["text/plain"] == "50%" and client.truncated
+    assert len(json.dumps(nb)) < 60_000
+
+    widget = {"comm_id": "w", "target_name": "jupyter.widget", "data": {"state": {
+        "_model_module": "@jupyter-widgets/output", "_model_name": "OutputModel",
+        "outputs": [], "value": "s" * 1_000_000}, "buffer_paths": []}}
+    client.process_message(message("comm_open", widget), cell, 0)
+    client.set_widgets_metadata()
+    assert "widgets" not in nb.metadata and not client.comm_objects
+
+
+def test_the_kernel_client_refuses_huge_messages():
+    client = OutputCappedClient(nbformat.v4.new_notebook(), 100, km=AsyncKernelManager())
+    kernel_client = client.km.client()
+    socket = kernel_client.context.socket(zmq.SUB)
+    try:
+        assert socket.getsockopt(zmq.MAXMSGSIZE) == execute.MAX_MESSAGE_BYTES
+    finally:
+        socket.close()
+        kernel_client.context.destroy()
 
 
 def test_dump_state_converts_to_plain_json_and_skips_the_rest(tmp_path):
@@ -312,6 +415,66 @@ def test_a_work_dir_past_the_disk_limit_stops_the_kernel(tmp_path):
     assert result.failure is not None and result.failure.kind == "out-of-memory", result.failure
     assert result.failure.cell_index == 1
     assert "disk" in result.failure.message and "20 MB" in result.failure.message
+
+
+def test_memfds_and_detached_shared_memory_count_as_memory(tmp_path):
+    # 400 MB in memfds no process maps, 400 MB in System V segments attached, written and
+    # detached again: each half alone stays under the limit with the kernel's own (~400 MB).
+    profile = replace(PROFILE, memory_limit_mb=1000, file_limit_mb=1024, cell_timeout_s=40)
+    hold = ("import ctypes, os, threading\nchunk = b'x' * (100 * 1024 * 1024)\n"
+            "fds = [os.memfd_create(f'hold-{i}') for i in range(4)]\n"
+            "for fd in fds:\n    os.write(fd, chunk)\n"
+            "del chunk\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]\n"
+            "libc.shmat.restype = ctypes.c_void_p\n"
+            "libc.shmdt.argtypes = [ctypes.c_void_p]\n"
+            "for i in range(4):\n"
+            "    segment = libc.shmget(0, 100 * 1024 * 1024, 0o1600)\n"
+            "    address = libc.shmat(segment, None, 0)\n"
+            "    ctypes.memset(address, 1, 100 * 1024 * 1024)\n"
+            "    libc.shmdt(address)\n"
+            "threading.Event().wait()")
+    result = run(tmp_path, ["x = 1", hold], profile=profile)
+    assert result.failure is not None and result.failure.kind == "out-of-memory", result.failure
+    assert result.failure.cell_index == 1
+    assert "more than 1000 MB" in result.failure.message
+
+
+def test_deleted_open_files_and_the_socket_folder_count_as_disk(tmp_path):
+    # 14 MB in the socket folder and 14 MB in deleted files still open: 28 MB, past 20 MB.
+    profile = replace(PROFILE, file_limit_mb=8, disk_limit_mb=20, cell_timeout_s=40)
+    fill = ("import os, threading\nfrom ipykernel.connect import get_connection_file\n"
+            "sockets = os.path.dirname(get_connection_file())\nheld = []\n"
+            "for i in range(2):\n"
+            "    with open(os.path.join(sockets, f'part-{i}.bin'), 'wb') as f:\n"
+            "        f.write(b'x' * (7 * 1024 * 1024))\n"
+            "    f = open(f'gone-{i}.bin', 'wb')\n    f.write(b'x' * (7 * 1024 * 1024))\n"
+            "    f.flush()\n    os.unlink(f.name)\n    held.append(f)\n"
+            "threading.Event().wait()")
+    result = run(tmp_path, ["x = 1", fill], profile=profile)
+    assert result.failure is not None and result.failure.kind == "out-of-memory", result.failure
+    assert result.failure.cell_index == 1
+    assert "disk" in result.failure.message and "20 MB" in result.failure.message
+
+
+def test_huge_error_messages_keep_the_notebook_and_the_failure_small(tmp_path):
+    profile = replace(PROFILE, output_limit_bytes=20_000)
+    result = run(tmp_path, [
+        "ip = get_ipython()\ntry:\n    raise ValueError('E' * 5_000_000)\n"
+        "except ValueError:\n    for _ in range(10):\n        ip.showtraceback()",
+        "raise RuntimeError('F' * 5_000_000)",
+        "EPOCHS = 3",
+    ], profile=profile)
+    assert result.failure is not None and result.failure.kind == "exception"
+    assert [error.cell_index for error in result.errors] == [0, 1]
+    assert all(len(error.error_tail) < 20_000 and len(error.message) < 1_000
+               for error in result.errors)
+    assert "RuntimeError: FFF" in result.errors[1].error_tail
+    assert result.state["EPOCHS"] == 3
+    assert result.executed_notebook.stat().st_size < 100_000
+    executed = nbformat.read(result.executed_notebook, as_version=4)
+    kinds = [[out.output_type for out in cell.outputs] for cell in executed.cells]
+    assert ["error"] in kinds  # the second cell's error, kept past the limit
 
 
 def test_work_dir_usage_counts_each_file_once_and_follows_no_link(tmp_path):

@@ -186,3 +186,21 @@ def test_update_bn_probe_tells_the_l1_step_from_its_mistakes():
                           "            m.weight.data.sub_(LAMBDA * torch.sign(m.weight.data))\n")
     assert probe_update_bn(on_weights)["weights_untouched"] is False
     assert probe_update_bn({"LAMBDA": 1e-4}) is None
+
+
+def test_a_mistake_is_recognised_with_a_min_channel_rule_on_top():
+    """The signed-threshold mutant keeps its min-channel rule, which picks the top-3 *signed*
+    gammas of the edge probe's gutted layer: still a signed threshold, not an unknown mask."""
+    model = sparse_model(5)
+    edge = vgg(width_divisor=8).eval()
+    edge.load_state_dict(edge_case_state(model.state_dict())[0])
+    strategies = mask_strategies(edge, 0.5, 3)
+    gammas = [bn.weight.detach().numpy() for bn in bn_layers(edge)]
+    cut = float(np.sort(np.concatenate(gammas))[int(sum(g.size for g in gammas) * 0.5)])
+    masks = []
+    for g in gammas:
+        mask = (g > cut).astype(np.int64)
+        if mask.sum() < 3:
+            mask[np.argsort(-g)[:3]] = 1
+        masks.append(mask)
+    assert matching_strategy(masks, strategies) == "signed"

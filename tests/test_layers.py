@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["reference", "grader.untrusted", "grader.runtime", "grader.sandbox", "grader.prepare",
           "grader.checkpoints",
           "grader.execute", "grader.runcache", "grader.schedule", "grader.evaluate",
-          "grader.diagnose", "grader.score", "grader.render", "grader.pipeline", "grader.batch",
-          "grader.cli"]
+          "grader.diagnose", "grader.score", "grader.render", "grader.pipeline", "grader.progress",
+          "grader.batch", "grader.cluster", "grader.cli"]
 # The package itself holds only the version; everything may read it.
 SHARED = {"grader"}
 

@@ -20,7 +20,7 @@ import torch
 
 import grader.untrusted as untrusted
 from grader.checkpoints import CHECKPOINT_LIMITS, CheckpointError, load_student_checkpoint
-from grader.execute import Failure, RunResult, RunSpec, run_notebook
+from grader.execute import Failure, RunResult, RunSpec, literal_assignments, run_notebook
 from grader.pipeline import handed_in, student_lambda
 from grader.prepare import Submission
 from grader.runcache import RunCache
@@ -316,6 +316,31 @@ def test_student_lambda_and_handed_in_survive_malformed_notebooks(tmp_path):
     assert "not UTF-8" in summary["sparsity_train"]["unreadable"]
     assert "not valid JSON" in summary["vggprune"]["unreadable"]
     assert summary["train_prune_model"]["printed"] == []
+
+
+@pytest.mark.parametrize("source", [
+    "LAMBDA = 1" + "0" * 400,  # float() of it: OverflowError
+    "LAMBDA = 1e400",  # a float literal for inf
+    "LAMBDA = -1e400",
+    "LAMBDA = 0x1" + "0" * 5000,  # past float's range, and no digit limit for hex
+    "LAMBDA = 1e-4\nLAMBDA = 1" + "0" * 5000,  # past the int digit limit: the cell is skipped
+])
+def test_a_lambda_no_float_holds_is_no_lambda(tmp_path, source):
+    path = tmp_path / "sparsity_train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), path)
+    assert student_lambda(path) is None
+
+
+def test_literals_that_are_deep_huge_or_in_huge_cells_do_not_stop_the_grader():
+    cells = [nbformat.v4.new_code_cell(source) for source in (
+        "DEEP = " + "[" * 5000 + "]" * 5000,  # past the parser's nesting
+        "NEG = " + "-" * 100_000 + "1",
+        "BIG = (" + "1," * 1_000_000 + ")",  # 2 MB: ~4 s and ~1 GB to parse and build
+        "EPOCHS = 3",
+    )]
+    with returns_within(5):
+        values = literal_assignments(cells)
+    assert values == {"EPOCHS": [3]}
 
 
 def test_an_unreadable_notebook_fails_its_run_and_writes_nothing_into_the_work_dir(tmp_path):
