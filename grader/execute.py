@@ -50,14 +50,13 @@ from pathlib import Path
 
 import nbformat
 import psutil
-import zmq
-from jupyter_client.asynchronous import AsyncKernelClient
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 
 from grader import sandbox
 from grader.runtime import SAVED_KEY
+from grader.runtime.launch import MAX_OPEN_FILES
 from grader.sandbox import KernelPlace, StudentKernelManager
 from grader.untrusted import UntrustedFileError, read_json
 from grader.untrusted import read_notebook as read_notebook  # the one reader of student notebooks
@@ -100,11 +99,9 @@ KERNEL_USER_NAME = "student"
 ERROR_TAIL_LINES = 15
 MESSAGE_VALUE_CHARS = 300
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\))")
-# Output: no frame of a kernel message may be larger (the connection drops and the message is
-# lost); an error output keeps its ename and evalue, and each line of its traceback, to
+# Output: an error output keeps its ename and evalue, and each line of its traceback, to
 # ERROR_FIELD_CHARS, its traceback to ERROR_CHARS in all; stream text received, before
 # carriage returns and backspaces are resolved, may total RAW_STREAM_FACTOR times the limit.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 ERROR_FIELD_CHARS = 1000
 ERROR_CHARS = 8000
 RAW_STREAM_FACTOR = 32
@@ -114,7 +111,7 @@ ERROR_TAIL_CHARS = 12_000
 # Open files no path reaches (memfds, deleted files), looked at once a second, at most
 # MAX_FDS_PER_PROCESS descriptors of each process; files on these file systems are memory.
 FILES_INTERVAL_S = 1.0
-MAX_FDS_PER_PROCESS = 4096
+MAX_FDS_PER_PROCESS = MAX_OPEN_FILES  # the sandbox's RLIMIT_NOFILE: none goes unseen
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "hugetlbfs")
 CLONE_NEWIPC = 0x08000000
 
@@ -510,20 +507,6 @@ def choose_sandbox(requested: bool | None) -> bool:
     return False
 
 
-class BoundedKernelClient(AsyncKernelClient):
-    """The kernel client whose sockets take no message frame over ``MAX_MESSAGE_BYTES``.
-
-    ``zmq.MAXMSGSIZE``, set on the client's own zmq context before any socket exists: a
-    larger frame resets the connection (zmq reconnects) and its message is lost, so no one
-    message costs the grader more than that. A lost execute reply ends the cell as a timeout.
-    """
-
-    def _context_default(self) -> zmq.asyncio.Context:
-        context = super()._context_default()
-        context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        return context
-
-
 class OutputCappedClient(NotebookClient):
     """NotebookClient that keeps at most ``limit_bytes`` of output in the notebook.
 
@@ -538,8 +521,13 @@ class OutputCappedClient(NotebookClient):
     limit only a cell's first error is still kept, so that its failure stays readable.
     Past the limit, other outputs are dropped and one line says so. Comm messages
     (widgets) are ignored: nbclient would keep their state, unbounded, in the notebook's
-    metadata. The client nbclient makes for ``km`` is a ``BoundedKernelClient``.
-    Cells that display an image/png are recorded even when the image itself is dropped.
+    metadata. Cells that display an image/png are recorded even when the image itself
+    is dropped.
+
+    No limit is set on the size of one message (``zmq.MAXMSGSIZE``): libzmq takes a
+    larger frame as a protocol error and drops the connection for good, without
+    reconnecting; the shell channel's next request then blocks the grader forever, and
+    iopub loses every later output. One message is bounded by the kernel's memory limit.
     """
 
     def __init__(self, nb: NotebookNode, limit_bytes: int, **kwargs: object) -> None:
@@ -551,8 +539,6 @@ class OutputCappedClient(NotebookClient):
         self.image_positions: set[int] = set()
         self.clear_before_next_output = False  # nbclient sets it per cell; defined before any
         self.store_widget_state = False
-        if self.km is not None:
-            self.km.client_factory = BoundedKernelClient
 
     def output(self, outs: list[NotebookNode], msg: dict, display_id: str | None,
                cell_index: int) -> NotebookNode | None:
