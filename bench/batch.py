@@ -16,6 +16,13 @@ with 1 and with 2 workers, each batch in a fresh process, and the script prints:
   (the same injected notebooks, no sandbox, no budgets, no evaluation) against
   the time of grading it, and their ratio.
 
+With ``--dask`` it instead grades the corpus with the local pool of 2 workers and on a
+Dask LocalCluster of 2 worker processes on loopback (one grading each, the cores shared:
+``grader.cluster.local_cluster``), each in a fresh process, and prints their wall times
+(the Dask side includes starting and closing the cluster), the ratio
+wall(local pool) / wall(Dask) (the target is 0.95 or more: Dask's overhead vanishes next to
+a grading), and any hand-in whose score differs between the two.
+
 The expected bundle is built (or found in the cache) before any timing starts.
 The figures are printed only; a person records them in docs/.
 """
@@ -43,11 +50,25 @@ from pathlib import Path
 from grader.batch import grade_class
 from reference.profiles import get_profile
 args = json.loads(sys.argv[1])
-started = time.monotonic()
-rows = grade_class(Path(args["class_dir"]), Path(args["out"]), get_profile(args["profile"]),
-                   data_root=args["data_root"] and Path(args["data_root"]), device=args["device"],
-                   workers=args["workers"], cache_root=args["cache"] and Path(args["cache"]))
-print(json.dumps({"wall_s": time.monotonic() - started, "rows": len(rows),
+options = dict(data_root=args["data_root"] and Path(args["data_root"]), device=args["device"],
+               cache_root=args["cache"] and Path(args["cache"]))
+if args.get("dask"):  # a Dask LocalCluster of `workers` processes on loopback
+    from distributed import Client
+    from grader.cluster import ClusterSpec, grade_class_on_cluster, local_cluster
+    cluster = local_cluster(args["workers"])
+    client = Client(cluster)
+    started = time.monotonic()
+    rows = grade_class_on_cluster(Path(args["class_dir"]), Path(args["out"]),
+                                  get_profile(args["profile"]), ClusterSpec(client=client), **options)
+    wall = time.monotonic() - started
+    client.close()
+    cluster.close()
+else:
+    started = time.monotonic()
+    rows = grade_class(Path(args["class_dir"]), Path(args["out"]), get_profile(args["profile"]),
+                       workers=args["workers"], **options)
+    wall = time.monotonic() - started
+print(json.dumps({"wall_s": wall, "rows": len(rows),
                   "maxrss_children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
                   "maxrss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
@@ -66,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the submission id for the plain-execution comparison")
     parser.add_argument("--skip-plain", action="store_true", help="no plain-execution comparison")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    parser.add_argument("--dask", action="store_true",
+                        help="compare the local pool (2 workers) with a Dask LocalCluster of 2 "
+                             "worker processes instead")
     return parser.parse_args(argv)
 
 
@@ -115,8 +139,10 @@ class TreeMemory(threading.Thread):
             self.peak = max(self.peak, total)
 
 
-def run_batch(class_dir: Path, out: Path, workers: int, args: argparse.Namespace) -> dict:
+def run_batch(class_dir: Path, out: Path, workers: int, args: argparse.Namespace,
+              dask: bool = False) -> dict:
     payload = json.dumps({"class_dir": str(class_dir), "out": str(out), "profile": args.profile,
+                          "dask": dask,
                           "data_root": args.data_root and str(args.data_root.resolve()),
                           "device": args.device, "workers": workers,
                           "cache": args.cache and str(args.cache.resolve())})
@@ -131,7 +157,8 @@ def run_batch(class_dir: Path, out: Path, workers: int, args: argparse.Namespace
     memory.join()
     wall = time.monotonic() - started
     if process.returncode != 0:
-        raise SystemExit(f"the batch with {workers} worker(s) failed (exit {process.returncode})")
+        raise SystemExit(f"the {'Dask' if dask else 'local'} batch with {workers} worker(s) failed "
+                         f"(exit {process.returncode})")
     figures = json.loads(stdout.strip().splitlines()[-1])
     figures.update(process_wall_s=wall, tree_peak_bytes=memory.peak, results=read_results(out))
     return figures
@@ -197,6 +224,26 @@ def plain_execution(source: Path, args: argparse.Namespace, work_root: Path) -> 
     return time.monotonic() - started, problems
 
 
+def compare_dask(class_dir: Path, temporary: Path, count: int, args: argparse.Namespace) -> int:
+    """The local pool of 2 workers against a Dask LocalCluster of 2 worker processes."""
+    runs = {"local pool": run_batch(class_dir, temporary / "out-local", 2, args),
+            "Dask": run_batch(class_dir, temporary / "out-dask", 2, args, dask=True)}
+    for name, figures in runs.items():
+        durations = [r.get("duration_s") or 0.0 for r in figures["results"].values()]
+        print(f"\n{name}, 2 workers: wall {figures['process_wall_s']:.1f} s (grading "
+              f"{figures['wall_s']:.1f} s), {figures['process_wall_s'] / count:.1f} s per "
+              f"submission; a grading's own time: mean {sum(durations) / max(1, len(durations)):.1f} s, "
+              f"max {max(durations, default=0):.1f} s; whole tree peak "
+              f"{figures['tree_peak_bytes'] / 2**20:.0f} MB")
+    local, dask = runs["local pool"], runs["Dask"]
+    print(f"\nratio wall(local pool) / wall(Dask): {local['process_wall_s'] / dask['process_wall_s']:.2f} "
+          f"(grading only: {local['wall_s'] / dask['wall_s']:.2f}; target 0.95 or more)")
+    differ = [sid for sid in sorted(set(local["results"]) | set(dask["results"]))
+              if local["results"].get(sid, {}).get("score") != dask["results"].get(sid, {}).get("score")]
+    print(f"hand-ins whose score differs: {', '.join(differ) if differ else 'none'}")
+    return 0
+
+
 def megabytes(kilobytes: float) -> str:
     return f"{kilobytes / 1024:.0f} MB"
 
@@ -223,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         ensure_reference(profile, args.cache, args.data_root, args.device)
         print(f"expected bundle ready in {time.monotonic() - started:.1f} s (not counted below)")
+        if args.dask:
+            return compare_dask(class_dir, temporary, len(sources), args)
 
         runs = {}
         for workers in (1, 2):

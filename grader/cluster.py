@@ -80,6 +80,7 @@ WORKER_CORES_ENV = "SLIMGRADE_WORKER_CORES"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 CONNECT_TIMEOUT_S = 30
 POLL_S = 0.5
+KEEP_UP_S = 60.0  # how often a Slurm cluster's ended jobs are submitted again
 # A Slurm job: cores and memory per grading slot (one per GPU, or one per CPU job).
 CORES_PER_SLOT = 4
 WALLTIME = {"quick": "02:00:00", "full": "48:00:00"}
@@ -174,6 +175,13 @@ class Connection:
         self.client: Client | None = None
         self.cluster = None
         self.where = ""
+        self.jobs = 0
+
+    def keep_up(self) -> None:
+        """Submit a job again for each that ended (its walltime, a node lost): the cluster's
+        worker specs still hold it, and scaling to the same number re-creates the missing."""
+        if self.cluster is not None and self.jobs:
+            self.cluster.scale(jobs=self.jobs)
 
     def open(self, pending: int) -> Client:
         spec = self.spec
@@ -190,7 +198,7 @@ class Connection:
             self.where = f"the Dask cluster at {spec.scheduler}"
         elif spec.cluster == "slurm":
             self.cluster = slurm_cluster(spec, self.profile, self.device)
-            jobs = max(1, min(spec.jobs, pending))
+            self.jobs = jobs = max(1, min(spec.jobs, pending))
             self.cluster.scale(jobs=jobs)
             self.client = Client(self.cluster)
             self.where = (f"a Slurm cluster of {jobs} job(s) (scheduler "
@@ -641,7 +649,7 @@ class ClusterScheduler:
                  run_cache=None, stream=None, bundle=None):
         self.book, self.queue, self.profile = book, list(pending), profile
         self.connection, self.stream, self.device = connection, stream, device
-        self.gpu = wants_gpu(device, gpus_per_job)
+        self.gpu, self.gpus_per_job = wants_gpu(device, gpus_per_job), gpus_per_job
         self.data_root = Path(data_root).resolve() if data_root else None
         self.rubric = Path(rubric_path).read_text(encoding="utf-8") if rubric_path else None
         self.cache_root = str(Path(cache_root).resolve()) if cache_root else None
@@ -664,7 +672,11 @@ class ClusterScheduler:
                 f"{self.book.out}; dashboard: {self._dashboard(client)}"))
             plugins = self._ship(client, bar)
             self._say_workers(client, bar)
+            kept_up = time.monotonic()
             while (self.queue or self.running) and not self.stop.is_set():
+                if time.monotonic() > kept_up + KEEP_UP_S:
+                    self.connection.keep_up()
+                    kept_up = time.monotonic()
                 while self.queue and len(self.running) < self._window(client) \
                         and not self.stop.is_set():
                     self._submit(client, self.queue.pop(0), plugins, bar)
@@ -674,6 +686,11 @@ class ClusterScheduler:
                     continue
                 entry, _ = self.running.pop(future.key, (None, None))
                 if entry is not None:
+                    bar.step(self._finished(entry, future))
+            while self.stop.is_set() and not self.finished.empty():  # done before the stop: kept
+                future = self.finished.get()
+                entry, _ = self.running.pop(future.key, (None, None))
+                if entry is not None and future.status == "finished":
                     bar.step(self._finished(entry, future))
         finally:
             for _, future in self.running.values():
@@ -761,7 +778,7 @@ class ClusterScheduler:
                   grade_function=batch.grade)
         future = client.submit(run_on_worker, job, key=f"grade-{entry.id}-{secrets.token_hex(4)}",
                                pure=False, retries=RETRIES,
-                               resources=task_resources(self.device) if self.gpu else None)
+                               resources=task_resources(self.device, self.gpus_per_job))
         self.running[future.key] = (entry, future)
         future.add_done_callback(self.finished.put)
 

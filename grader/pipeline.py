@@ -41,7 +41,8 @@ from grader.schedule import PlannedRun, execute_all
 from grader.score import load_rubric, score
 from grader.untrusted import MAX_NOTEBOOK_BYTES, UntrustedFileError, read_bytes, remove_tree
 from reference.bundle import (FINETUNE, SPARSE, SPARSE_LAMBDA0, environment, load_checkpoint,
-                              load_manifest, loaders, prune_file)
+                              loaders, prune_file)
+from reference.store import load_manifest
 from reference.data import load_dataset
 from reference.model import scaled_cfg
 from reference.profiles import Profile

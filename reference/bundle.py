@@ -32,7 +32,7 @@ from reference.metrics import checkpoint_bytes, gamma_stats, model_summary
 from reference.model import vgg
 from reference.profiles import Profile
 from reference.prune import all_gammas, compute_masks, prune
-from reference.store import MANIFEST, load_manifest, write_bundle_hash  # noqa: F401
+from reference.store import MANIFEST, write_bundle_hash
 from reference.train import (accuracy, predict, recalibrate_bn, seed_everything, select_device,
                              train)
 

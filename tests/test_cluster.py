@@ -301,7 +301,8 @@ def test_a_killed_client_loses_nothing_finished_and_a_rerun_resumes(tmp_path, cl
     root = tmp_path / "class"
     for sid in ("a", "c", "d"):
         make_folder(root / sid, log=str(log))
-    make_folder(root / "b", log=str(log), fifo=str(fifo))  # blocks until its task is cancelled
+    # b blocks (its first grading only) until its task is cancelled
+    make_folder(root / "b", log=str(log), fifo=str(fifo), once=str(tmp_path / "once"))
     out, cache = tmp_path / "out", tmp_path / "cache"
     script = CLIENT_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), out=str(out),
                                   address=client.scheduler.address, cache=str(cache))
@@ -351,14 +352,19 @@ def test_each_grading_asks_for_a_gpu_and_gets_one_of_its_own(tmp_path, fake):
     root = tmp_path / "class"
     for sid in ("a", "b", "c"):
         make_folder(root / sid, log=str(log))
+    asked = []
     try:
         with distributed.Client(gpu_cluster) as gpu_client:
+            submit = gpu_client.submit
+            gpu_client.submit = lambda *args, **kwargs: asked.append(kwargs.get("resources")) \
+                or submit(*args, **kwargs)
             rows = cluster.grade_class_on_cluster(
                 root, tmp_path / "out", get_profile("quick"),
                 cluster.ClusterSpec(client=gpu_client), device="cuda", cache_root=tmp_path / "cache")
     finally:
         gpu_cluster.close()
     assert [row["status"] for row in rows] == ["graded"] * 3
+    assert asked == [{"GPU": 1}] * 3
     assert {line[3] for line in log_lines(log)} <= {"5", "7"} and len(log_lines(log)) == 3
 
 
@@ -597,7 +603,10 @@ def test_real_gradings_on_the_cluster_match_the_local_batch(tmp_path, client):
 
     assert [timeless(row) for row in rows] == [timeless(row) for row in local_rows]
     assert [row["student_id"] for row in rows] == ["empty", "tiny", "tiny-zip"]
-    assert rows[2]["failures"] == "train_prune_model.ipynb:missing-artifact"
+    zipped = json.loads((cluster_out / "tiny-zip" / "result.json").read_text())
+    assert any(f["notebook"] == "train_prune_model.ipynb" and "not found in the submission"
+               in f["message"] for f in zipped["failures"]), zipped["failures"]
+    assert zipped["metrics"]["runs"], "the notebooks ran on the workers"
     for sid in ("tiny", "tiny-zip"):
         here = json.loads((local_out / sid / "result.json").read_text())
         there = json.loads((cluster_out / sid / "result.json").read_text())
