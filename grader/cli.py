@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 USAGE_ERROR, HARNESS_ERROR, DRIFT_FOUND = 2, 1, 3
@@ -25,14 +26,22 @@ DEBUG_HELP = "show the traceback of a harness error (accepted before or after th
 # Each raises argparse.ArgumentTypeError with one sentence; argparse then prints the usage
 # line and "argument --x: <sentence>", and exits with 2.
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give 1 or more.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: give 1 or more.")
-    return value
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number: give {least} or more.") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give {least} or more.")
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
 
 
 def existing_path(text: str) -> Path:
@@ -143,16 +152,6 @@ def device_name(text: str) -> str:
     if name == "cpu" or re.fullmatch(r"cuda(?::\d+)?", name):
         return name
     return device(text)  # not a device: the sentence that lists the devices found
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give 0 or more.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is too small: give 0 or more.")
-    return value
 
 
 def walltime(text: str) -> str:

@@ -76,7 +76,11 @@ def prune_runs(evaluation: dict) -> Iterator[tuple[str, dict]]:
 
 def copy_issues(facts: dict, part: str) -> list[dict]:
     """Copy mistakes of one part; moved statistics (train mode) and the 1-channel index
-    bug have diagnoses of their own."""
+    bug have diagnoses of their own. A copy cut short by that bug (the run failed with a
+    1-channel layer, then saved what it had), or judged against masks the student did not
+    use (masks that prune nothing), says nothing about the copy blanks."""
+    if facts.get("masks_not_pruning") or (facts.get("run_failure") and has_single_channel_layer(facts)):
+        return []
     return [d for d in facts.get("copy_differences", []) if d["part"] == part
             and d["kind"] != "moved" and (d["kind"] != "shape" or not has_single_channel_layer(facts))]
 

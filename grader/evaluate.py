@@ -156,16 +156,18 @@ def mask_strategies(model: nn.Module, ratio: float, min_channels: int) -> dict[s
         return forms + [[rule(m, g) for m, g in zip(form, gammas)] for form in forms for rule in rules]
 
     # The min-channel rule is an ungraded TODO: any "keep at least k" gives a correct mask.
+    # Benign explanations come first: where a mistake with a min-channel rule on top gives
+    # the same masks as a correct threshold with a first-k rule, no mistake is shown.
     return {
         "correct": [correct(min_channels), above(magnitudes, threshold)[1]],
         "correct-without-min-rule": [correct(0)],
         **{f"correct-min-{k}": [correct(k)] for k in range(1, MAX_MIN_CHANNELS + 1) if k != min_channels},
+        "first-k": [[first_k((m > threshold).astype(np.int64)) for m in magnitudes]],
         "inverted": with_min_rules([[(m <= threshold).astype(np.int64) for m in magnitudes],
                                     [(m < threshold).astype(np.int64) for m in magnitudes]]),
         "signed": with_min_rules(above(gammas, signed_threshold)),
         "per-layer": with_min_rules([per_layer(True), per_layer(False)]),
         "descending": with_min_rules(above(magnitudes, descending_threshold)),
-        "first-k": [[first_k((m > threshold).astype(np.int64)) for m in magnitudes]],
     }
 
 

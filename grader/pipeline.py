@@ -27,11 +27,12 @@ import torch
 from grader import __version__
 from grader.checkpoints import (CheckpointError, check_layout, load_student_checkpoint,
                                 state_dict_of)
-from grader.diagnose import diagnose
+from grader.diagnose import diagnose, kept_channels
 from grader.evaluate import (EDGE_RATIO, TrustedData, balanced_prune_state, compare_sparsity,
                              disguised_state, edge_case_state, finetune_facts, prune_facts, safely,
                              sparsity_facts)
-from grader.execute import Failure, RunResult, literal_assignments, parse_cell, read_notebook
+from grader.execute import (STOPPING, Failure, RunResult, literal_assignments, parse_cell,
+                            read_notebook)
 from grader.prepare import Submission, prepare
 from grader.runtime import HISTOGRAMS_KEY, MAX_HISTOGRAMS, UPDATE_BN_KEY
 from grader.render import render
@@ -369,13 +370,32 @@ def reference_summary(manifest: dict, profile: Profile) -> dict:
 PROBE_RUNS = ("prune-edge",)
 
 
-def split_failures(results: dict[str, RunResult | None]) -> tuple[list[dict], list[dict]]:
+PROBE_NOTE = "This happened only on a probe input the grader built on purpose."
+SHORT_CHAIN_NOTE = ("This happened only on your own checkpoint as this short grading profile "
+                    "trained it: pruned here, a layer kept no channel, which a full-scale model "
+                    "does not do; the same notebook ran through on the reference input.")
+
+
+def excused_runs(evaluation: dict) -> dict[str, str]:
+    """Runs whose failures the student's own full-scale run would not have had, and why: the
+    edge probe, and chained prunings (and what follows them) where the student's short-profile
+    checkpoint left a layer with no channel."""
+    excused = dict.fromkeys(PROBE_RUNS, PROBE_NOTE)
+    for ratio, facts in evaluation.get("chained", {}).get("prune", {}).items():
+        if 0 in kept_channels(facts):
+            excused[f"chained-prune-{ratio}"] = SHORT_CHAIN_NOTE
+            excused["chained-finetune"] = SHORT_CHAIN_NOTE
+    return excused
+
+
+def split_failures(results: dict[str, RunResult | None],
+                   excused: dict[str, str]) -> tuple[list[dict], list[dict]]:
     """The failures a student's own full-scale run would have had too, and notes on the rest:
-    cells that failed only on a number the profile changed, or only in a probe or chained run."""
+    cells that failed only on a number the profile changed, and exceptions in ``excused``
+    runs unless a run on the reference input met the same failure. A run cut short by its
+    budget is a failure wherever it happened."""
     failures: dict[tuple, dict] = {}
     notes: dict[tuple, dict] = {}
-    failed_alone = {r.notebook for run_id, r in results.items() if r and r.failure
-                    and not run_id.startswith("chained-") and run_id not in PROBE_RUNS}
     for run_id, result in results.items():
         if result is None:
             continue
@@ -389,13 +409,10 @@ def split_failures(results: dict[str, RunResult | None]) -> tuple[list[dict], li
         if f is None:
             continue
         entry = _failure_fields(run_id, f)
-        if run_id in PROBE_RUNS or (run_id.startswith("chained-") and result.notebook not in failed_alone):
-            why = ("a probe input the grader built on purpose" if run_id in PROBE_RUNS else
-                   "your own checkpoint as this short grading profile trained it; the same "
-                   "notebook ran through on the reference input")
+        if run_id in excused and f.kind not in STOPPING:
             notes.setdefault((f.notebook, f.kind, f.message),
                              {**entry, "cause": "probe" if run_id in PROBE_RUNS else "chained",
-                              "explanation": f"This happened only on {why}."})
+                              "explanation": excused[run_id]})
         else:
             failures.setdefault((f.notebook, f.kind, f.message), entry)
     # A failure the reference input met too did not happen "only" on the probe or chain.
@@ -540,7 +557,7 @@ def grade(submission_path: Path, out_dir: Path, profile: Profile, data_root: Pat
         for run_id, result in results.items():
             if result is not None and result.executed_notebook.exists():
                 shutil.copyfile(result.executed_notebook, notebooks_dir / f"{run_id}.ipynb")
-        failures, notes = split_failures(results)
+        failures, notes = split_failures(results, excused_runs(evaluation))
         failures += [{"notebook": f"{name}.ipynb", "run": None, "kind": "missing-artifact",
                       "message": f"{name}.ipynb was not found in the submission: hand it in.",
                       "cell_index": None, "error_tail": ""} for name in submission.missing]

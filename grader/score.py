@@ -198,29 +198,31 @@ def kept_indices(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> 
                   also=_crashed_on_one_channel, probes=False)
 
 
+def _copied(part: str, *tensors: str) -> Callable[[dict], bool]:
+    """A pruning run's thin model holds these tensors as the kept slices; masks that prune
+    nothing earn no copy blank (copying the whole original is no copy of kept channels)."""
+    return lambda facts: "thin_error" not in facts and not facts.get("masks_not_pruning") \
+        and not any(d["tensor"] in tensors for d in copy_issues(facts, part))
+
+
 @check("blank-copy-bn-affine", PRUNE_RUNS)
 def copy_bn_affine(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    return _share(evaluation, lambda f: "thin_error" not in f and not any(
-        d["tensor"] in ("weight", "bias") for d in copy_issues(f, "bn")), "BN weight and bias")
+    return _share(evaluation, _copied("bn", "weight", "bias"), "BN weight and bias")
 
 
 @check("blank-copy-bn-stats", PRUNE_RUNS)
 def copy_bn_stats(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    return _share(evaluation, lambda f: "thin_error" not in f and not any(
-        d["tensor"] in ("running_mean", "running_var") for d in copy_issues(f, "bn")),
-        "BN running statistics")
+    return _share(evaluation, _copied("bn", "running_mean", "running_var"), "BN running statistics")
 
 
 @check("blank-copy-linear-weight", PRUNE_RUNS)
 def copy_linear_weight(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    return _share(evaluation, lambda f: "thin_error" not in f and not any(
-        d["tensor"] == "weight" for d in copy_issues(f, "linear")), "the Linear weight")
+    return _share(evaluation, _copied("linear", "weight"), "the Linear weight")
 
 
 @check("blank-copy-linear-bias", PRUNE_RUNS)
 def copy_linear_bias(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outcome:
-    return _share(evaluation, lambda f: "thin_error" not in f and not any(
-        d["tensor"] == "bias" for d in copy_issues(f, "linear")), "the Linear bias")
+    return _share(evaluation, _copied("linear", "bias"), "the Linear bias")
 
 
 def prune_done(key: str) -> CheckFunction:
