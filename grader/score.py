@@ -200,9 +200,14 @@ def kept_indices(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> 
 
 def _copied(part: str, *tensors: str) -> Callable[[dict], bool]:
     """A pruning run's thin model holds these tensors as the kept slices; masks that prune
-    nothing earn no copy blank (copying the whole original is no copy of kept channels)."""
-    return lambda facts: "thin_error" not in facts and not facts.get("masks_not_pruning") \
-        and not any(d["tensor"] in tensors for d in copy_issues(facts, part))
+    nothing earn no copy blank (copying the whole original is no copy of kept channels). A
+    copy cut short by a 1-channel layer's index is the index blank's (and the probe's) doing."""
+    def right(facts: dict) -> bool:
+        if _crashed_on_one_channel(facts):
+            return True
+        return "thin_error" not in facts and not facts.get("masks_not_pruning") \
+            and not any(d["tensor"] in tensors for d in copy_issues(facts, part))
+    return right
 
 
 @check("blank-copy-bn-affine", PRUNE_RUNS)
