@@ -183,27 +183,29 @@ def plain_execution(source: Path, args: argparse.Namespace, work_root: Path) -> 
     """
     from nbclient import NotebookClient
 
-    from grader.execute import plan_notebook, read_notebook, write_trusted_models
-    from grader.pipeline import profile_parameters
+    from grader.execute import plan_notebook, read_notebook, write_kernel_files
     from grader.prepare import prepare
+    from labs.slimming.grading import profile_parameters
+    from labs.slimming.kernel import kernel_setup
+    from labs.slimming.lab import NOTEBOOKS
     from reference.profiles import get_profile
 
     profile = get_profile(args.profile)
     device = args.device or "cpu"
-    submission = prepare(source, work_root)
+    submission = prepare(source, work_root, NOTEBOOKS)
     work_dir = work_root / "plain"
     work_dir.mkdir()
-    write_trusted_models(work_dir, profile.width_divisor)
+    kernel = kernel_setup(profile)
+    write_kernel_files(work_dir, dict(kernel.files))
     base = profile_parameters(profile, device)
     steps = [("sparsity_train", {**base, "LAMBDA": profile.sparsity_lambda}),
              ("vggprune", {**base, "PRUNE_PERCENT": profile.finetune_ratio}),
              ("train_prune_model", {**base, "EPOCHS": profile.finetune_epochs})]
-    config = {"work_dir": str(work_dir), "device": device, "dataset": profile.dataset,
+    config = {"work_dir": str(work_dir), "device": device,
               "data_root": args.data_root and str(args.data_root.resolve()),
-              "width_divisor": profile.width_divisor, "state_file": "slimgrade_state.json",
-              "threads": os.cpu_count() or 1}
-    install = f"import grader.runtime as _slimgrade\n_slimgrade.install({config!r})\n"
-    dump = "import grader.runtime as _slimgrade\n_slimgrade.dump_state(globals(), 'slimgrade_state.json')\n"
+              "state_file": "slimgrade_state.json", "threads": os.cpu_count() or 1, **kernel.config}
+    install = f"import {kernel.runtime} as _slimgrade\n_slimgrade.install({config!r})\n"
+    dump = f"import {kernel.runtime} as _slimgrade\n_slimgrade.dump_state(globals(), 'slimgrade_state.json')\n"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     problems = []
     started = time.monotonic()
@@ -212,7 +214,8 @@ def plain_execution(source: Path, args: argparse.Namespace, work_root: Path) -> 
         if notebook is None:
             problems.append(f"{name}.ipynb missing")
             continue
-        plan = plan_notebook(read_notebook(notebook), install, dump, parameters, {})
+        plan = plan_notebook(read_notebook(notebook), install, dump, parameters, {},
+                             kernel.known_parameters)
         # No grading budget here: a generous cell timeout only guards against a hang.
         client = NotebookClient(plan.nb, timeout=PLAIN_TIMEOUT_FACTOR * profile.run_timeout_s,
                                 kernel_name="python3",

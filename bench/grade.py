@@ -29,11 +29,13 @@ import torch
 from nbclient import NotebookClient
 
 from grader.execute import (STATE_FILE, RunResult, RunSpec, plan_notebook, read_notebook,
-                            run_notebook, write_trusted_models)
-from grader.pipeline import grade, own_paths, plan_runs, student_lambda
+                            run_notebook, write_kernel_files)
+from grader.pipeline import grade
 from grader.schedule import execute_all
 from grader.prepare import prepare
-from reference.store import resolve_bundle
+from labs.slimming.grading import own_paths, plan_runs, student_lambda
+from labs.slimming.kernel import kernel_setup
+from labs.slimming.lab import LAB, NOTEBOOKS
 from reference.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +45,13 @@ def plain_run(spec: RunSpec, admit: Callable[[], bool] | None = None) -> RunResu
     """The run's notebook, injected as the grader injects it, executed by a bare client."""
     if admit is not None and not admit():
         return None
-    write_trusted_models(spec.work_dir, spec.profile.width_divisor)
-    config = {"work_dir": str(spec.work_dir), "device": spec.device, "dataset": spec.profile.dataset,
-              "data_root": None, "width_divisor": spec.profile.width_divisor,
-              "state_file": STATE_FILE, "threads": spec.threads}
-    install = f"import grader.runtime as _slimgrade\n_slimgrade.install({config!r})\n"
-    dump = f"import grader.runtime as _slimgrade\n_slimgrade.dump_state(globals(), {STATE_FILE!r})\n"
-    plan = plan_notebook(read_notebook(spec.notebook), install, dump, spec.parameters, spec.scale)
+    write_kernel_files(spec.work_dir, dict(spec.kernel.files))
+    config = {"work_dir": str(spec.work_dir), "device": spec.device, "data_root": None,
+              "state_file": STATE_FILE, "threads": spec.threads, **spec.kernel.config}
+    install = f"import {spec.kernel.runtime} as _slimgrade\n_slimgrade.install({config!r})\n"
+    dump = f"import {spec.kernel.runtime} as _slimgrade\n_slimgrade.dump_state(globals(), {STATE_FILE!r})\n"
+    plan = plan_notebook(read_notebook(spec.notebook), install, dump, spec.parameters, spec.scale,
+                         spec.kernel.known_parameters)
     started = time.monotonic()
     NotebookClient(plan.nb, timeout=3600, kernel_name="python3",
                    resources={"metadata": {"path": str(spec.work_dir)}}).execute(stderr=subprocess.DEVNULL)
@@ -74,10 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     profile = get_profile(args.profile)
-    bundle = resolve_bundle(profile).path
+    bundle = LAB.resolve_bundle(profile).path
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        submission = prepare(args.submission, work / "submission")
+        submission = prepare(args.submission, work / "submission", NOTEBOOKS)
 
         def sparse() -> Path:  # the probes' inputs cost what the reference checkpoint costs
             return bundle / "sparse.pth"
@@ -89,7 +91,7 @@ def main() -> None:
         def timed_runs(label: str, **options: object) -> float:
             started = time.monotonic()
             results = execute_all(plan, submission, work / label, profile, None, "cpu",
-                                  args.workers, **options)
+                                  args.workers, kernel=kernel_setup(profile), **options)
             seconds = time.monotonic() - started
             if any(result is None or not result.usable for result in results.values()):
                 raise SystemExit(f"{label}: a run failed or did not run; the timing means nothing")

@@ -79,11 +79,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from urllib.parse import quote
 
+from grader.lab import get_lab
 from grader.prepare import (PrepareError, archive_problem, lab_notebooks_in,
                             top_level_notebooks)
 from grader.progress import Progress, duration
@@ -135,21 +135,21 @@ class BatchError(PrepareError):
 # ---------------------------------------------------------------- what the batch calls
 # Module attributes, looked up at call time, so a test can put fakes in their place.
 
-def grade(submission_path: Path, out_dir: Path, profile, **options) -> dict:
-    """Grade one submission (grader.pipeline.grade, imported only when a grading runs)."""
+def grade(submission_path: Path, out_dir: Path, profile, *, lab: str | None = None,
+          **options) -> dict:
+    """Grade one submission of the lab named ``lab`` (grader.pipeline.grade, imported only
+    when a grading runs)."""
     from grader.pipeline import grade as grade_submission
 
-    return grade_submission(submission_path, out_dir, profile, **options)
+    return grade_submission(submission_path, out_dir, profile, lab=get_lab(lab), **options)
 
 
 def ensure_reference(profile, cache_root: Path | None, data_root: Path | None,
-                     device: str | None, bundle=None):
-    """The expected bundle every grading of the batch uses (``reference.store.Bundle``),
+                     device: str | None, bundle=None, lab: str | None = None):
+    """The expected bundle every grading of the batch uses (``grader.bundles.Bundle``),
     found and checked by its hash once, before any grading process starts; never built.
-    ``bundle``: a folder or archive (--bundle), None for the one shipped with the profile."""
-    from reference.store import resolve_bundle
-
-    return resolve_bundle(profile, bundle, cache_root)
+    ``bundle``: a folder or archive (--bundle), None for the one the lab ships."""
+    return get_lab(lab).resolve_bundle(profile, bundle, cache_root)
 
 
 def bundle_fields(bundle) -> dict | None:
@@ -158,17 +158,15 @@ def bundle_fields(bundle) -> dict | None:
     return to_dict() if callable(to_dict) else None
 
 
-def grading_deadline_s(profile, grade_workers: int) -> float:
+def grading_deadline_s(profile, grade_workers: int, lab: str | None = None) -> float:
     """How long one grading may take before the batch stops it (seconds).
 
-    The runs of a grading (docs/design.md): sparsity-lambda0, sparsity, one pruning per
-    ratio, prune-edge, finetune, and the chained sparsity, prunings and finetune, at
-    most ``2 * ratios + 6``; ``grade_workers`` of them run at once, each within its
-    budget plus the kernel's start, the setup cell and the state dump.
+    The lab's runs of a grading (``Lab.planned_runs``), ``grade_workers`` of them at once,
+    each within its budget plus the kernel's start, the setup cell and the state dump.
     """
     from grader.execute import DUMP_TIMEOUT_S, INSTALL_TIMEOUT_S, KERNEL_START_TIMEOUT_S
 
-    runs = 2 * len(profile.prune_ratios) + 6
+    runs = get_lab(lab).planned_runs(profile)
     per_run = profile.run_timeout_s + KERNEL_START_TIMEOUT_S + INSTALL_TIMEOUT_S + DUMP_TIMEOUT_S
     waves = math.ceil(runs / max(1, grade_workers))
     return DEADLINE_ALLOWANCE_S + DEADLINE_MARGIN * waves * per_run
@@ -250,7 +248,7 @@ def select_entries(entries: list[Entry], only: list[str] | None, exclude: list[s
     return kept, {names[name.casefold()] for name in only}
 
 
-def no_submission(entry: Entry) -> bool:
+def no_submission(entry: Entry, notebooks: tuple[str, ...]) -> bool:
     """A folder, or a readable .zip, that holds none of the lab's notebooks. (A .zip that does
     not open was handed in all the same: its grading says what is wrong with it.)
 
@@ -260,7 +258,7 @@ def no_submission(entry: Entry) -> bool:
     try:
         if entry.path.is_file() and archive_problem(entry.path) is not None:
             return False
-        return not lab_notebooks_in(entry.path)
+        return not lab_notebooks_in(entry.path, notebooks)
     except Exception:  # noqa: BLE001 - one student's hand-in, never the whole class
         return False
 
@@ -324,11 +322,9 @@ def exclusive(out: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- rubric and failure results
 
-def read_rubric(path: Path | None) -> dict:
-    """The rubric JSON (the course's by default), read without importing the scorer."""
-    if path is None:
-        return json.loads(resources.files("grader").joinpath("rubric.json").read_text())
-    return json.loads(Path(path).read_text())
+def read_rubric(path: Path | None, lab: str | None = None) -> dict:
+    """The rubric JSON (the lab's by default), read without importing the scorer."""
+    return json.loads(Path(path or get_lab(lab).rubric).read_text())
 
 
 def failure_message(error: BaseException) -> str:
@@ -346,7 +342,7 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
                    duration_s: float, kind: str = FAILURE_KIND, bundle: dict | None = None) -> dict:
     """A result.json for a submission whose grading raised: every check an error, score 0;
     ``bundle`` (``bundle_fields``) names the expected bundle the grading was to use."""
-    from grader import __version__
+    from grader.result import now, result_fields
 
     checks = []
     for item in rubric.get("items", []):
@@ -357,29 +353,25 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
                        "max_points": float(item.get("points", 0)),
                        "message": "Graded by hand from the report." if manual
                        else f"Not graded: {message}"})
-    automatic = sum(c["max_points"] for c in checks if c["status"] != "skip")
-    return {
-        "slimgrade_version": __version__, "submission": sid, "profile": profile_name,
-        **({"bundle": bundle} if bundle else {}),
-        "graded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(duration_s, 1), "score": 0.0, "max_score": automatic,
-        "manual_max_points": sum(c["max_points"] for c in checks if c["status"] == "skip"),
-        "checks": checks, "diagnoses": [],
-        "failures": [{"notebook": None, "run": None, "kind": kind, "message": message,
-                      "cell_index": None, "error_tail": tail[-4000:]}],
-        "metrics": {}, "handed_in": {},
-        "environment": {"python": platform.python_version(), "platform": platform.platform()},
-    }
+    return result_fields(
+        submission=sid, profile=profile_name, bundle=bundle, graded_at=now(),
+        duration_s=round(duration_s, 1), score=0.0,
+        max_score=sum(c["max_points"] for c in checks if c["status"] != "skip"),
+        checks=checks, diagnoses=[],
+        failures=[{"notebook": None, "run": None, "kind": kind, "message": message,
+                   "cell_index": None, "error_tail": tail[-4000:]}],
+        profile_notes=[], profile_changes={}, metrics={}, handed_in={},
+        environment={"python": platform.python_version(), "platform": platform.platform()})
 
 
-def write_failure(folder: Path, result: dict) -> None:
+def write_failure(folder: Path, result: dict, lab: str | None = None) -> None:
     """result.json and a report.html (the usual renderer's, or a plain page if it fails)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / NOTEBOOKS).mkdir(exist_ok=True)
     try:
         from grader.render import write_report
 
-        write_report(result, folder)
+        write_report(result, folder, get_lab(lab).report)
     except Exception:  # noqa: BLE001 - the plain page below still tells the student
         failure = result["failures"][0]
         write_atomically(folder / REPORT, (
@@ -425,7 +417,8 @@ class Task:
     parent_pid: int
     grade_function: Callable[..., dict]
     scratch: Path | None = None  # this grading's temporary folder (its work root goes there)
-    bundle: object = None  # the batch's resolved reference.store.Bundle: the same for every grading
+    bundle: object = None  # the batch's resolved grader.bundles.Bundle: the same for every grading
+    lab: str | None = None  # the lab's name (grader.lab.get_lab); None: the default lab
 
 
 def abort_kernels() -> None:
@@ -484,7 +477,7 @@ def run_task(task: Task) -> None:
                                      data_root=task.data_root, device=task.device,
                                      workers=task.grade_workers, rubric_path=task.rubric_path,
                                      cache_root=task.cache_root, threads=task.threads,
-                                     run_cache=task.run_cache, bundle=task.bundle)
+                                     run_cache=task.run_cache, bundle=task.bundle, lab=task.lab)
         if not (task.partial / RESULT).is_file():
             if not isinstance(result, dict):
                 raise TypeError("the grading returned no result and wrote no result.json")
@@ -492,9 +485,9 @@ def run_task(task: Task) -> None:
             write_atomically(task.partial / RESULT, json.dumps(result, indent=2, default=str))
     except Exception as error:  # noqa: BLE001 - one submission never stops the batch
         record_failure(task.partial, task.sid, getattr(task.profile, "name", str(task.profile)),
-                       read_rubric(task.rubric_path), failure_message(error),
+                       read_rubric(task.rubric_path, task.lab), failure_message(error),
                        traceback.format_exc(), time.monotonic() - started,
-                       bundle=bundle_fields(task.bundle))
+                       bundle=bundle_fields(task.bundle), lab=task.lab)
     finally:  # also when stopped (SIGTERM); the batch removes it too, should we be killed
         if task.scratch is not None:
             remove_tree(task.scratch)
@@ -503,13 +496,13 @@ def run_task(task: Task) -> None:
 
 def record_failure(partial: Path, sid: str, profile_name: str, rubric: dict, message: str,
                    tail: str, duration_s: float, kind: str = FAILURE_KIND,
-                   bundle: dict | None = None) -> None:
+                   bundle: dict | None = None, lab: str | None = None) -> None:
     """A failure result in ``partial``; notebooks the grading already wrote are kept."""
     partial.mkdir(parents=True, exist_ok=True)
     for name in (RESULT, REPORT):
         (partial / name).unlink(missing_ok=True)
     write_failure(partial, failure_result(sid, profile_name, rubric, message, tail, duration_s,
-                                          kind, bundle))
+                                          kind, bundle), lab)
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -645,8 +638,8 @@ class Gradebook:
     """The class's results as they are on disk, and the files made from them."""
 
     def __init__(self, out: Path, entries: list[Entry], rubric: dict, title: str, profile_name: str,
-                 empty: set[str] | frozenset = frozenset()):
-        self.out, self.entries, self.rubric = out, entries, rubric
+                 empty: set[str] | frozenset = frozenset(), lab: str | None = None):
+        self.out, self.entries, self.rubric, self.lab = out, entries, rubric, lab
         self.title, self.profile_name = title, profile_name
         self.items = [item for item in rubric.get("items", []) if "id" in item]
         self.manual_max = sum(float(item.get("points", 0)) for item in manual_items(rubric))
@@ -733,6 +726,16 @@ class Gradebook:
         write_atomically(self.out / LMS_GRADES, lms_csv(rows, self.manual_max), newline="")
         write_atomically(self.out / SUMMARY, summary_html(self.view()))
 
+    def _class_plot(self) -> str | None:
+        """The lab's picture of the class (``ReportSection.class_plot``, when it has one), as a
+        data URI; a lab's plot that fails leaves the summary without it."""
+        draw = getattr(get_lab(self.lab).report, "class_plot", None)
+        results = [r for r in self.results.values() if isinstance(r, dict)]
+        try:
+            return draw(results) if draw is not None and results else None
+        except Exception:  # noqa: BLE001 - the summary's tables still tell everything
+            return None
+
     def _merge_hand_grades(self, sid: str) -> None:
         """Render the student's report.html again when its hand grades changed since it was
         last rendered (``OUT/<id>/.hand-grades.json`` records what it shows)."""
@@ -747,7 +750,8 @@ class Gradebook:
         try:
             from grader.render import write_report
 
-            write_report({**self.results[sid], "hand_grades": hand}, self.out / sid)
+            write_report({**self.results[sid], "hand_grades": hand}, self.out / sid,
+                         get_lab(self.lab).report)
             write_atomically(stamp, json.dumps(hand))
         except Exception as error:  # noqa: BLE001 - the gradebook still gets the marks
             self.problems.append(f"{sid}/{REPORT} could not show the hand grades ({error}).")
@@ -874,6 +878,7 @@ class Gradebook:
             "median": _points(round(statistics.median(scores), 2)) if scores else "",
             "max_total": _points(top),
             "histogram": score_histogram(scores, top) if scores else None,
+            "class_plot": self._class_plot(),
             "time_total": duration(sum(durations)) if durations else "",
             "time_mean": duration(statistics.fmean(durations)) if durations else "",
             "time_max": duration(max(durations)) if durations else "",
@@ -996,7 +1001,7 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
                 rubric_path: Path | None = None, cache_root: Path | None = None,
                 run_cache: Path | None = None, only: list[str] | None = None,
                 exclude: list[str] | None = None, stream=None, bundle=None,
-                runner: Callable[..., object] | None = None) -> list[dict]:
+                runner: Callable[..., object] | None = None, lab: str | None = None) -> list[dict]:
     """Grade every submission of ``class_dir`` into ``out``; the gradebook rows, in id order.
 
     ``bundle`` (--bundle: a folder or archive; None: the one shipped with the profile) is
@@ -1010,14 +1015,15 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
     class_dir, out = Path(class_dir).resolve(), Path(out).resolve()
     if workers < 1:
         raise BatchError(f"--workers must be at least 1 (got {workers}).")
-    entries, chosen = class_entries(class_dir, out, only, exclude)
+    notebooks = get_lab(lab).notebooks
+    entries, chosen = class_entries(class_dir, out, only, exclude, notebooks)
     out.mkdir(parents=True, exist_ok=True)
-    rubric = read_rubric(rubric_path)
+    rubric = read_rubric(rubric_path, lab)
     profile_name = getattr(profile, "name", str(profile))
     with exclusive(out):
         remove_stale(out)
-        empty = {e.id for e in entries if no_submission(e)}
-        book = Gradebook(out, entries, rubric, class_dir.name, profile_name, empty)
+        empty = {e.id for e in entries if no_submission(e, notebooks)}
+        book = Gradebook(out, entries, rubric, class_dir.name, profile_name, empty, lab)
         book.hand_problems = ensure_hand_grades(out, entries, rubric)
         for entry in entries:
             book.load(entry.id)
@@ -1025,12 +1031,12 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
             e.id in chosen if only else force or not is_finished(out, e.id))]
         book.write()
         if pending:
-            resolved = ensure_reference(profile, cache_root, data_root, device, bundle)
+            resolved = ensure_reference(profile, cache_root, data_root, device, bundle, lab)
             _warn_other_bundles(book, resolved, stream)
             # runner: where the gradings run (grader.cluster.ClusterScheduler on a Dask cluster)
             (runner or _Scheduler)(book, pending, profile, workers=workers, data_root=data_root, device=device,
                        rubric_path=rubric_path, cache_root=cache_root, run_cache=run_cache,
-                       stream=stream, bundle=resolved).run()
+                       stream=stream, bundle=resolved, lab=lab).run()
         else:
             _say(stream, f"nothing to grade: {len(entries) - len(empty)} hand-in(s) already graded"
                          f"{', ' + str(len(empty)) + ' without a submission' if empty else ''} "
@@ -1039,14 +1045,15 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
 
 
 def class_entries(class_dir: Path, out: Path, only: list[str] | None = None,
-                  exclude: list[str] | None = None) -> tuple[list[Entry], set[str]]:
+                  exclude: list[str] | None = None,
+                  notebooks: tuple[str, ...] | None = None) -> tuple[list[Entry], set[str]]:
     """The hand-ins a batch lists and the ids ``only`` names; BatchError (a usage error, one
     sentence) for a folder that is not a class: missing, empty, or one student's hand-in."""
     class_dir, out = Path(class_dir).resolve(), Path(out).resolve()
     if not class_dir.is_dir():
         raise BatchError(f"{class_dir} is not a folder: give the folder that holds one folder "
                          "or .zip per student.")
-    top = top_level_notebooks(class_dir)
+    top = top_level_notebooks(class_dir, notebooks or get_lab().notebooks)
     if top:
         raise BatchError(f"{class_dir} is one student's submission (it holds {', '.join(top)}), "
                          f"not a class: grade it with 'slimgrade grade {class_dir}', or give the "
@@ -1123,7 +1130,8 @@ class _Scheduler:
     """Up to ``workers`` grading processes at once; the gradebook rewritten as each ends."""
 
     def __init__(self, book: Gradebook, pending: list[Entry], profile, *, workers: int,
-                 data_root, device, rubric_path, cache_root, run_cache, stream=None, bundle=None):
+                 data_root, device, rubric_path, cache_root, run_cache, stream=None, bundle=None,
+                 lab: str | None = None):
         self.book, self.queue, self.profile, self.workers = book, list(pending), profile, workers
         self.stream = stream
         self.options = {"data_root": Path(data_root).resolve() if data_root else None,
@@ -1131,7 +1139,7 @@ class _Scheduler:
                         "rubric_path": Path(rubric_path).resolve() if rubric_path else None,
                         "cache_root": Path(cache_root).resolve() if cache_root else None,
                         "run_cache": Path(run_cache).resolve() if run_cache else None,
-                        "bundle": bundle}
+                        "bundle": bundle, "lab": lab}
         self.stop = threading.Event()
         # Each running grading holds a slot, and the slot its share of the GPUs.
         self.gpus = gpu_shares(device, workers)
@@ -1198,7 +1206,7 @@ class _Scheduler:
                     parent_pid=os.getpid(), grade_function=grade, scratch=scratch, **self.options)
         process = self.context.Process(target=run_task, args=(task,), name=f"slimgrade-{entry.id}")
         graded_before = is_finished(self.book.out, entry.id)
-        limit_s = grading_deadline_s(self.profile, grade_workers)
+        limit_s = grading_deadline_s(self.profile, grade_workers, self.options["lab"])
         try:
             process.start()
         except BaseException:
@@ -1238,14 +1246,14 @@ class _Scheduler:
                            f"The grading took longer than {grading.limit_s:.0f} s, the limit for "
                            "one submission under this profile, and was stopped.", "",
                            grading.limit_s, kind=TIMEOUT_KIND,
-                           bundle=bundle_fields(self.options["bundle"]))
+                           bundle=bundle_fields(self.options["bundle"]), lab=self.book.lab)
             commit(partial, self.book.out / entry.id)
         else:
             # The grading process died before it could record anything: record it here.
             record_failure(partial, entry.id, self.book.profile_name, self.book.rubric,
                            "The grading process ended unexpectedly "
                            f"({_exit_description(process.exitcode)}).", "", 0.0,
-                           bundle=bundle_fields(self.options["bundle"]))
+                           bundle=bundle_fields(self.options["bundle"]), lab=self.book.lab)
             commit(partial, self.book.out / entry.id)
         self.book.load(entry.id)
         self.book.write()

@@ -1,4 +1,7 @@
-"""``slimgrade``: grade, check, batch, reference.
+"""``slimgrade``: grade, check, batch, reference, for any installed lab (``--lab``).
+
+Without ``--lab``, grade and check take the lab whose notebooks the hand-in holds, batch
+the lab of the class's hand-ins, and reference the default lab (grader/lab.py).
 
 Exit codes: 0 when a grade (or bundle) was produced, whatever the score; 2 for
 bad usage (a wrong path, a missing data root, no expected bundle matching the profile, a
@@ -72,22 +75,22 @@ def rubric_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(
             f"{path} {'is not a file' if path.exists() else 'does not exist'}: give a rubric JSON "
-            "file shaped like grader/rubric.json.")
+            "file shaped like the lab's rubric.json.")
     try:
         rubric = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise argparse.ArgumentTypeError(f"{path} cannot be read ({error.strerror}).") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"{path} is not valid JSON ({error}).") from None
-    problem = rubric_problem(rubric)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{path}: {problem}")
+    if not isinstance(rubric, dict) or not isinstance(rubric.get("items"), list) or not rubric["items"]:
+        raise argparse.ArgumentTypeError(
+            f'{path}: it has no "items" list: give a rubric shaped like the lab\'s rubric.json.')
     return path
 
 
-def rubric_problem(rubric: object) -> str:
-    """What makes ``rubric`` unusable (one sentence), or "" when it can be used."""
-    shape = "shaped like grader/rubric.json"
+def rubric_problem(rubric: object, lab) -> str:
+    """What makes ``rubric`` unusable for ``lab`` (one sentence), or "" when it can be used."""
+    shape = "shaped like the lab's rubric.json"
     if not isinstance(rubric, dict) or not isinstance(rubric.get("items"), list) or not rubric["items"]:
         return f'it has no "items" list: give a rubric {shape}.'
     ids = []
@@ -100,17 +103,13 @@ def rubric_problem(rubric: object) -> str:
         ids.append(item["id"])
     if len(set(ids)) != len(ids):
         return f"item ids repeat ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))})."
-    from grader.score import CHECKS  # imported only when a rubric is given: it loads torch
-
-    unknown = [i for i, item in zip(ids, rubric["items"]) if not item.get("manual") and i not in CHECKS]
+    checks = lab.checks  # loaded only when a rubric is given: it may load torch
+    unknown = [i for i, item in zip(ids, rubric["items"]) if not item.get("manual") and i not in checks]
     if unknown:
-        return (f"no automatic check is called {', '.join(unknown)}: use the ids of "
-                f"grader/rubric.json ({', '.join(sorted(CHECKS))}) or mark the item \"manual\": true.")
-    low_high = rubric.get("lambda_range")
-    if "blank-lambda" in ids and not (isinstance(low_high, list) and len(low_high) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high)):
-        return '"lambda_range" must be [low, high] (numbers) when the rubric grades blank-lambda.'
-    return ""
+        return (f"no automatic check is called {', '.join(unknown)}: use the ids of the "
+                f"{lab.name} lab's rubric.json ({', '.join(sorted(checks))}) or mark the item "
+                "\"manual\": true.")
+    return lab.rubric_problem(rubric)
 
 
 def devices_found() -> list[str]:
@@ -206,11 +205,11 @@ def cluster_problem(args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from grader import __version__
-    from reference.profiles import PROFILES
+    from grader.lab import installed_labs
 
     parser = argparse.ArgumentParser(prog="slimgrade", description=(
-        "Grades the network-slimming pruning lab: runs the notebooks, finds which mistake was "
-        "made and explains it."), epilog="Exit codes: 0 a grade was produced (whatever the "
+        "Grades ML lab notebooks (installed labs: " + ", ".join(sorted(installed_labs())) +
+        "): runs the notebooks, finds which mistake was made and explains it."), epilog="Exit codes: 0 a grade was produced (whatever the "
         "score), 2 bad usage, 1 the harness itself failed, 3 'reference --verify' found a "
         "rebuild drifting past its tolerances.")
     parser.add_argument("--version", action="version", version=f"slimgrade {__version__}")
@@ -220,9 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     anywhere.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(command: argparse.ArgumentParser, profile_default: str, device_type=device) -> None:
-        command.add_argument("--profile", choices=sorted(PROFILES), default=profile_default,
-                             help="data, width, epochs and tolerances (default: %(default)s)")
+    def common(command: argparse.ArgumentParser, device_type=device) -> None:
+        command.add_argument("--lab", choices=sorted(installed_labs()), default=None,
+                             help="the lab graded (default: the one whose notebooks the hand-in "
+                                  "holds)")
+        command.add_argument("--profile", default=None,
+                             help="data, width, epochs and tolerances (default: the lab's "
+                                  "quick profile)")
         command.add_argument("--data-root", type=existing_folder, default=None,
                              help="folder holding cifar-10-batches-py/ (the full profile)")
         command.add_argument("--device", type=device_type, default=None,
@@ -248,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--workers", type=positive_int, default=2, help="notebook runs at once (default 2)")
     grade.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
-    common(grade, "quick")
+    common(grade)
     bundle_option(grade, "the expected bundle to grade against")
 
     check = add("check", "check your own lab folder before handing it in")
     check.add_argument("path", type=existing_path, nargs="?", default=Path("."))
     check.add_argument("--out", type=output_folder, default=Path("slimgrade-check"))
-    common(check, "quick")
+    common(check)
     bundle_option(check, "the expected bundle to grade against")
 
     batch = add("batch", "grade every submission in a folder")
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--memory-per-job", type=memory_size, default=None, metavar="M",
                          help="memory per job, e.g. 64GB (default: twice the profile's memory "
                               "limit of a run, plus 4 GB, per grading slot)")
-    common(batch, "quick", device_type=device_name)
+    common(batch, device_type=device_name)
     bundle_option(batch, "the expected bundle every grading uses")
 
     reference = add("reference", "build a profile's expected bundle, or check a rebuild's drift")
@@ -301,24 +304,40 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--verify", action="store_true",
                            help="rebuild the bundle and compare it with the shipped one (or "
                                 "--bundle) within documented tolerances; exit 3 past them")
-    common(reference, "quick")
+    common(reference)
     bundle_option(reference, "with --verify, the bundle to compare the rebuild with")
     return parser
 
 
+def choose_lab(args: argparse.Namespace):
+    """The lab named by --lab, or the one the hand-in (a class's, for batch) is of."""
+    from grader.lab import get_lab, lab_of
+
+    if args.lab is not None or args.command == "reference":
+        return get_lab(args.lab)
+    return lab_of(args.path, several=args.command == "batch")
+
+
 def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What depends on several arguments; ``parser.error`` (exit 2) with one sentence."""
-    from reference.data import DataError, find_cifar_folder
-    from reference.profiles import get_profile
+    from grader.lab import LabError
 
-    if get_profile(args.profile).dataset == "cifar10":
-        if args.data_root is None:
-            parser.error(f"the {args.profile} profile trains on CIFAR-10: give --data-root, the "
-                         "folder that holds cifar-10-batches-py/ (python version).")
-        try:
-            find_cifar_folder(args.data_root)
-        except DataError as error:
-            parser.error(str(error))
+    try:
+        lab = args.lab_object = choose_lab(args)
+    except LabError as error:
+        parser.error(str(error))
+    args.profile = args.profile or lab.default_profile
+    if args.profile not in lab.profiles:
+        parser.error(f"argument --profile: the {lab.name} lab has no profile {args.profile!r} "
+                     f"(choose from {', '.join(sorted(lab.profiles))}).")
+    problem = lab.data_problem(lab.profiles[args.profile], args.data_root)
+    if problem:
+        parser.error(problem)
+    rubric = getattr(args, "rubric", None)
+    if rubric is not None:
+        problem = rubric_problem(json.loads(rubric.read_text(encoding="utf-8")), lab)
+        if problem:
+            parser.error(f"argument --rubric: {rubric}: {problem}")
     if args.command == "batch":
         from grader.batch import BatchError, class_entries
 
@@ -331,13 +350,13 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             except argparse.ArgumentTypeError as error:
                 parser.error(f"argument --device: {error}")
         try:
-            class_entries(args.path, args.out, args.only, args.exclude)
+            class_entries(args.path, args.out, args.only, args.exclude, lab.notebooks)
         except BatchError as error:
             parser.error(str(error))
     if args.command in ("grade", "check"):
         from grader.prepare import several_submissions
 
-        students = several_submissions(args.path)
+        students = several_submissions(args.path, lab.notebooks)
         if students:
             shown = ", ".join(students[:8]) + (f" and {len(students) - 8} more" if len(students) > 8 else "")
             parser.error(f"{args.path} holds the submissions of {len(students)} students ({shown}), "
@@ -348,8 +367,7 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def check_bundle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Find and check the expected bundle before anything runs (``args.found_bundle``): a
     hash that does not match, another profile's bundle or none at all is a usage error."""
-    from reference.profiles import get_profile
-    from reference.store import BundleError, resolve_bundle
+    from grader.bundles import BundleError
 
     if args.command == "reference" and not args.verify:
         if args.out is None:
@@ -359,7 +377,7 @@ def check_bundle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error("--bundle names the bundle to compare a rebuild with: use it with --verify.")
         return
     try:
-        args.found_bundle = resolve_bundle(get_profile(args.profile), args.bundle, args.cache)
+        args.found_bundle = args.lab_object.resolve_bundle(_profile(args), args.bundle, args.cache)
     except BundleError as error:
         parser.error(str(error))
 
@@ -376,15 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         import logging
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("grader").setLevel(logging.DEBUG)
-    from grader.checkpoints import CheckpointError
+    from grader.bundles import BundleError
     from grader.prepare import PrepareError
-    from reference.data import DataError
-    from reference.store import BundleError
 
     previous = _stop_on_signals()
     try:
         return COMMANDS[args.command](args)
-    except (PrepareError, DataError, CheckpointError, BundleError) as error:
+    except (PrepareError, BundleError, *args.lab_object.user_errors) as error:
         print(f"slimgrade: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -420,81 +436,69 @@ def _stop_on_signals() -> dict:
 
 
 def _profile(args: argparse.Namespace):
-    from reference.profiles import get_profile
-
-    return get_profile(args.profile)
+    return args.lab_object.profiles[args.profile]
 
 
-def planned_runs(profile) -> int:
-    """At most how many notebook runs one grading makes (docs/design.md, "Runs of one
-    grading"): sparsity with lambda 0 and with the profile's lambda, one pruning per ratio,
-    the edge probe, fine-tuning, and the chained sparsity, prunings and fine-tuning."""
-    return 2 * len(profile.prune_ratios) + 6
-
-
-def _run_progress(desc: str, profile, what: str):
+def _run_progress(desc: str, args: argparse.Namespace, what: str):
     """A Progress over the runs of one grading and the callback grade() calls per run."""
     from grader.progress import Progress
-    from grader.render import run_label
 
-    total = planned_runs(profile)
+    lab, profile = args.lab_object, _profile(args)
+    total = lab.planned_runs(profile)
     progress = Progress(desc, total, "run", announce=f"{what}: up to {total} notebook runs "
                         f"({profile.name} profile), each notebook in a fresh kernel.")
-    return progress, (lambda run_id: progress.step(f"finished {run_label(run_id)}"))
+    return progress, (lambda run_id: progress.step(f"finished {lab.report.run_label(run_id)}"))
 
 
 def run_grade(args: argparse.Namespace) -> int:
     from grader.prepare import PrepareError, hand_in_problem
     from grader.render import gradescope_results
 
-    profile = _profile(args)
+    lab, profile = args.lab_object, _profile(args)
     # The path exists (checked while parsing): what may be wrong is the hand-in itself (a
     # .zip that does not open, no lab notebook). That is the student's, and it gets a grade
     # of 0 with the reason, as in a batch, not a usage error.
-    problem = hand_in_problem(args.path)
+    problem = hand_in_problem(args.path, lab.notebooks)
     if problem:
-        result = not_graded(args.path, args.out, profile.name, args.rubric, problem,
-                            args.found_bundle.to_dict())
+        result = not_graded(args, problem)
     else:
         from grader.pipeline import grade
 
-        progress, tick = _run_progress(f"grading {args.path.name}", profile, f"grading {args.path}")
+        progress, tick = _run_progress(f"grading {args.path.name}", args, f"grading {args.path}")
         try:
             with progress:
                 result = grade(args.path, args.out, profile, args.data_root, args.device,
                                args.workers, args.rubric, args.cache, on_progress=tick,
-                               run_cache=args.run_cache, bundle=args.found_bundle)
+                               run_cache=args.run_cache, bundle=args.found_bundle, lab=lab)
         except PrepareError as error:
-            result = not_graded(args.path, args.out, profile.name, args.rubric, str(error),
-                                args.found_bundle.to_dict())
+            result = not_graded(args, str(error))
     if args.format == "gradescope":
-        (args.out / "results.json").write_text(json.dumps(gradescope_results(result), indent=1))
+        (args.out / "results.json").write_text(json.dumps(gradescope_results(result, args.lab_object.report), indent=1))
     print(f"{result['submission']}: {result['score']:g}/{result['max_score']:g} "
           f"(+{result['manual_max_points']:g} graded by hand) -> {args.out / 'report.html'}")
     return 0
 
 
-def not_graded(path: Path, out: Path, profile_name: str, rubric_path: Path | None,
-               message: str, bundle: dict | None = None) -> dict:
+def not_graded(args: argparse.Namespace, message: str) -> dict:
     """The result of a hand-in that cannot be graded at all: 0 points, the reason as its failure."""
     from grader.batch import failure_result, read_rubric, student_id, write_failure
 
     print(f"slimgrade: {message}", file=sys.stderr)
-    result = failure_result(student_id(path.resolve().name), profile_name,
-                            read_rubric(rubric_path), " ".join(message.split()), "", 0.0,
-                            bundle=bundle)
-    write_failure(Path(out), result)
+    result = failure_result(student_id(args.path.resolve().name), args.profile,
+                            read_rubric(args.rubric, args.lab_object.name),
+                            " ".join(message.split()), "", 0.0,
+                            bundle=args.found_bundle.to_dict())
+    write_failure(Path(args.out), result, args.lab_object.name)
     return result
 
 
 def run_check(args: argparse.Namespace) -> int:
     from grader.pipeline import grade
 
-    profile = _profile(args)
-    progress, tick = _run_progress("checking your lab", profile, f"checking {args.path.resolve()}")
+    progress, tick = _run_progress("checking your lab", args, f"checking {args.path.resolve()}")
     with progress:
-        result = grade(args.path, args.out, profile, args.data_root, args.device,
-                       on_progress=tick, bundle=args.found_bundle)
+        result = grade(args.path, args.out, _profile(args), args.data_root, args.device,
+                       on_progress=tick, bundle=args.found_bundle, lab=args.lab_object)
     print(summary_text(result))
     print(f"\nFull report: {(args.out / 'report.html').resolve()}")
     return 0
@@ -528,7 +532,8 @@ def run_batch(args: argparse.Namespace) -> int:
 
     options = dict(data_root=args.data_root, device=args.device, force=args.force,
                    rubric_path=args.rubric, cache_root=args.cache, run_cache=args.run_cache,
-                   only=args.only, exclude=args.exclude, bundle=args.found_bundle)
+                   only=args.only, exclude=args.exclude, bundle=args.found_bundle,
+                   lab=args.lab_object.name)
     if args.scheduler or args.cluster:  # Dask is imported only here
         from grader.cluster import ClusterSpec, grade_class_on_cluster
 
@@ -545,55 +550,14 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
+    lab, profile = args.lab_object, _profile(args)
     if args.verify:
-        return verify_reference(args)
-    from reference.bundle import build_bundle
-    from reference.store import recorded_hash
-
-    manifest = build_bundle(_profile(args), args.out, args.data_root, args.device)
-    sparse = manifest["sparsity"]
-    print(f"Expected bundle of profile {args.profile} in {args.out}: sparse accuracy "
-          f"{sparse['lambda']['best_prec1']:.1f}% (lambda 0: {sparse['lambda0']['best_prec1']:.1f}%), "
-          + ", ".join(f"pruned {r}: {e['accuracy_pruned']:.1f}% (recalibrated "
-                      f"{e['accuracy_recalibrated']:.1f}%)" for r, e in manifest["prune"].items())
-          + f", fine-tuned {manifest['finetune']['best_prec1']:.1f}%.")
-    print(f"Its hash is {recorded_hash(args.out)} (in {args.out / 'BUNDLE-HASH'}): grade with "
-          f"--profile {args.profile} --bundle {args.out}, or give that flag a .tar.gz of the "
-          "folder; never change a file in it.")
+        report, drifted = lab.verify_reference(profile, args.found_bundle, args.out,
+                                               args.data_root, args.device)
+        print(report)
+        return DRIFT_FOUND if drifted else 0
+    print(lab.build_reference(profile, args.out, args.data_root, args.device))
     return 0
-
-
-def verify_reference(args: argparse.Namespace) -> int:
-    """Rebuild the profile's bundle and report its drift from the one grading uses."""
-    import shutil
-    import tempfile
-
-    from reference.bundle import build_bundle
-    from reference.drift import compare_bundles, drift_table
-    from reference.store import content_hash
-
-    baseline = args.found_bundle
-    rebuilt = args.out or Path(tempfile.mkdtemp(prefix="slimgrade-verify-"))
-    try:
-        build_bundle(_profile(args), rebuilt, args.data_root, args.device)
-        rows = compare_bundles(baseline.path, rebuilt)
-        same = content_hash(rebuilt) == baseline.hash
-    finally:
-        if args.out is None:
-            shutil.rmtree(rebuilt, ignore_errors=True)
-    print(drift_table(rows, judged_only=True))
-    drifted = [row.figure for row in rows if row.ok is False]
-    unjudged = sum(1 for row in rows if row.ok is None)
-    name = "the shipped bundle" if baseline.source == "shipped" else baseline.source
-    print(f"\nRebuilt the {args.profile} bundle and compared it with {name} "
-          f"({baseline.hash[:12]}): {len(rows) - unjudged} figures judged, {unjudged} not "
-          "compared (environment, per-epoch histories, histograms); " + (
-              f"{len(drifted)} past their tolerance ({', '.join(drifted[:6])}"
-              f"{', ...' if len(drifted) > 6 else ''})." if drifted else
-              "all within tolerance (docs/design.md, \"Bundles\")."))
-    if same:
-        print("The rebuild is bit-identical to it (same hash).")
-    return DRIFT_FOUND if drifted else 0
 
 
 COMMANDS = {"grade": run_grade, "check": run_check, "batch": run_batch, "reference": run_reference}

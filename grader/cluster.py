@@ -16,9 +16,10 @@ given a ``ClusterScheduler`` instead of its local pool). No filesystem is assume
 * **The expected bundle reaches every worker once, checked by its hash** (``Shipment``, a
   worker plugin: the scheduler hands it to every worker that joins, restarted ones and late
   Slurm jobs included). The worker unpacks it into its cache (``--cache`` when given, else
-  its own ``~/.cache/slimgrade``) with ``reference.store.unpack_bundle``, which checks the
+  its own ``~/.cache/slimgrade``) with ``grader.bundles.unpack_bundle``, which checks the
   hash; a cache on a shared filesystem that already holds ``bundle-<hash>`` is used as it
-  is. The full profile's CIFAR-10 folder travels the same way (``data-<hash>``).
+  is. A lab's data folder (``Lab.data_folder``: the full profile's CIFAR-10) travels the same way
+  (``data-<hash>``).
 * **Resources.** With ``--device cuda`` (or ``--gpus-per-job`` above 0) each grading asks
   for ``GPU=1``, so Dask never runs two gradings on one GPU; on the worker it gets one GPU
   of its own (``CUDA_VISIBLE_DEVICES``). Notebook runs at once per grading and torch
@@ -84,7 +85,6 @@ KEEP_UP_S = 60.0  # how often a Slurm cluster's ended jobs are submitted again
 # A Slurm job: cores and memory per grading slot (one per GPU, or one per CPU job).
 CORES_PER_SLOT = 4
 WALLTIME = {"quick": "02:00:00", "full": "48:00:00"}
-CIFAR_FOLDER = "cifar-10-batches-py"
 
 
 class ClusterError(batch.BatchError):
@@ -256,7 +256,7 @@ def unpack_tree(data: bytes, target: Path) -> None:
         tar.extractall(target, filter="data")
 
 
-def hand_in_bytes(path: Path) -> tuple[bool, bytes]:
+def hand_in_bytes(path: Path, skipped: tuple[str, ...] = ()) -> tuple[bool, bytes]:
     """(is a folder, bytes) of a hand-in: a .zip as it is; a folder as a tar of what the
     grading's own copy keeps (``prepare.copy_folder``: plain files and folders, no link,
     FIFO, checkpoint or data, within its bounds; PrepareError past them, as when grading)."""
@@ -267,7 +267,7 @@ def hand_in_bytes(path: Path) -> tuple[bool, bytes]:
     try:
         copy = staging / "copy"
         copy.mkdir()
-        for label in copy_folder(path, copy):  # folders too deep: the worker refuses them too
+        for label in copy_folder(path, copy, skipped):  # folders too deep: the worker refuses them too
             if not label.endswith("…"):
                 (copy / label.rstrip("/")).mkdir(parents=True, exist_ok=True)
         return True, pack_tree(copy)
@@ -314,8 +314,10 @@ class Shipment(WorkerPlugin):
 
     idempotent = True
 
-    def __init__(self, kind: str, digest: str, archive: bytes, cache_root: str | None):
+    def __init__(self, kind: str, digest: str, archive: bytes, cache_root: str | None,
+                 folder_name: str | None = None):
         self.kind, self.digest, self.archive, self.cache_root = kind, digest, archive, cache_root
+        self.folder_name = folder_name  # the data's folder, as the lab's reader looks for it
         self.folder: Path | None = None
         self.error: str | None = None
         self.lock = None
@@ -348,8 +350,9 @@ class Shipment(WorkerPlugin):
                 errors = []
                 for root in roots:
                     try:
-                        self.folder = (place_bundle if self.kind == "bundle" else place_data)(
-                            self.archive, self.digest, root)
+                        self.folder = (place_bundle(self.archive, self.digest, root)
+                                       if self.kind == "bundle" else
+                                       place_data(self.archive, self.digest, root, self.folder_name))
                         self.error, self.archive = None, None
                         break
                     except Exception as error:  # noqa: BLE001 - said by the task that needs it
@@ -369,7 +372,7 @@ def shipment_name(kind: str, digest: str, cache_root: str | None) -> str:
 
 def place_bundle(archive: bytes, digest: str, root: Path | None) -> Path:
     """``bundle-<digest>`` under ``root`` (default: the worker's bundle cache), checked."""
-    from reference.store import BundleError, default_cache_root, unpack_bundle, verify_bundle
+    from grader.bundles import BundleError, default_cache_root, unpack_bundle, verify_bundle
 
     root = Path(root) if root is not None else default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -394,26 +397,26 @@ def place_bundle(archive: bytes, digest: str, root: Path | None) -> Path:
     return folder
 
 
-def place_data(archive: bytes, digest: str, root: Path | None) -> Path:
-    """``data-<digest>`` (holding cifar-10-batches-py/) under ``root``, checked."""
-    from reference.store import content_hash, default_cache_root
+def place_data(archive: bytes, digest: str, root: Path | None, name: str) -> Path:
+    """``data-<digest>`` (holding the lab's data folder ``name``) under ``root``, checked."""
+    from grader.bundles import content_hash, default_cache_root
 
     root = Path(root) if root is not None else default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"data-{digest}"
-    if target.is_dir() and content_hash(target / CIFAR_FOLDER) == digest:
+    if target.is_dir() and content_hash(target / name) == digest:
         return target
     staging = root / f".data-{secrets.token_hex(6)}"
     try:
         unpack_tree(archive, staging)
-        found = content_hash(staging / CIFAR_FOLDER)
+        found = content_hash(staging / name)
         if found != digest:
             raise ValueError(f"the data sent to this worker hashes to {found[:16]}..., not "
                              f"{digest[:16]}...")
         try:
             os.rename(staging, target)
         except OSError:  # placed meanwhile by another worker of this machine
-            if content_hash(target / CIFAR_FOLDER) != digest:
+            if content_hash(target / name) != digest:
                 raise
         return target
     finally:
@@ -440,6 +443,7 @@ class Job:
     bundle_plugin: str
     data_plugin: str | None
     grade_function: object
+    lab: str | None = None  # the lab's name (grader.lab.get_lab)
 
     def __repr__(self) -> str:  # Dask logs a failed task with its arguments: not the bytes
         return f"Job({self.sid!r}, {len(self.payload)} bytes)"
@@ -501,7 +505,7 @@ def run_on_worker(job: Job) -> dict | None:
     the grading process is stopped and nothing is sent.
     """
     from distributed import get_worker
-    from reference.store import Bundle
+    from grader.bundles import Bundle
 
     worker = get_worker()
     key = worker.get_current_task()
@@ -537,8 +541,8 @@ def run_on_worker(job: Job) -> dict | None:
                           cache_root=Path(job.cache_root) if job.cache_root else None,
                           run_cache=Path(job.run_cache) if job.run_cache else None,
                           parent_pid=os.getpid(), grade_function=job.grade_function,
-                          scratch=scratch, bundle=bundle)
-        limit_s = batch.grading_deadline_s(job.profile, grade_workers)
+                          scratch=scratch, bundle=bundle, lab=job.lab)
+        limit_s = batch.grading_deadline_s(job.profile, grade_workers, job.lab)
         exitcode, why = grade_in_process(task, limit_s, lambda: cancelled(worker, key),
                                          root / "task.pickle")
         if why == "cancelled":
@@ -614,17 +618,18 @@ def settle(task: batch.Task, exitcode: int | None, past_deadline: bool, limit_s:
         raise GradingNotStarted(f"the grading process ended before grading started "
                                 f"({batch._exit_description(exitcode)}) on {socket.gethostname()}")
     profile_name = getattr(task.profile, "name", str(task.profile))
-    rubric = batch.read_rubric(task.rubric_path)
+    rubric = batch.read_rubric(task.rubric_path, task.lab)
     fields = batch.bundle_fields(task.bundle)
     if past_deadline:
         batch.record_failure(task.partial, task.sid, profile_name, rubric,
                              f"The grading took longer than {limit_s:.0f} s, the limit for one "
                              "submission under this profile, and was stopped.", "", limit_s,
-                             kind=batch.TIMEOUT_KIND, bundle=fields)
+                             kind=batch.TIMEOUT_KIND, bundle=fields, lab=task.lab)
     else:
         batch.record_failure(task.partial, task.sid, profile_name, rubric,
                              "The grading process ended unexpectedly "
-                             f"({batch._exit_description(exitcode)}).", "", 0.0, bundle=fields)
+                             f"({batch._exit_description(exitcode)}).", "", 0.0, bundle=fields,
+                             lab=task.lab)
     batch.commit(task.partial, final)
     return final
 
@@ -646,8 +651,8 @@ class ClusterScheduler:
     def __init__(self, book: batch.Gradebook, pending: list[batch.Entry], profile, *,
                  connection: Connection, gpus_per_job: int = 0, workers: int = 1,
                  data_root=None, device=None, rubric_path=None, cache_root=None,
-                 run_cache=None, stream=None, bundle=None):
-        self.book, self.queue, self.profile = book, list(pending), profile
+                 run_cache=None, stream=None, bundle=None, lab: str | None = None):
+        self.book, self.queue, self.profile, self.lab = book, list(pending), profile, lab
         self.connection, self.stream, self.device = connection, stream, device
         self.gpu, self.gpus_per_job = wants_gpu(device, gpus_per_job), gpus_per_job
         self.data_root = Path(data_root).resolve() if data_root else None
@@ -719,15 +724,15 @@ class ClusterScheduler:
 
     def _ship(self, client: Client, bar: Progress) -> dict[str, str | None]:
         """Register the bundle (and data) plugins: every worker, now or later, gets them."""
-        from reference.data import find_cifar_folder
-        from reference.store import content_hash
+        from grader.bundles import content_hash
 
         shipments = [Shipment("bundle", self.bundle.hash, pack_tree(self.bundle.path),
                               self.cache_root)]
-        if self.data_root is not None and getattr(self.profile, "dataset", "") == "cifar10":
-            cifar = find_cifar_folder(self.data_root)
-            shipments.append(Shipment("data", content_hash(cifar), pack_tree(cifar, CIFAR_FOLDER),
-                                      self.cache_root))
+        data = (batch.get_lab(self.lab).data_folder(self.profile, self.data_root)
+                if self.data_root is not None else None)
+        if data is not None:
+            shipments.append(Shipment("data", content_hash(data), pack_tree(data, data.name),
+                                      self.cache_root, data.name))
         names: dict[str, str | None] = {"bundle": None, "data": None}
         for shipment in shipments:
             answers = client.register_plugin(shipment, name=shipment.name) or {}
@@ -759,12 +764,12 @@ class ClusterScheduler:
 
     def _submit(self, client: Client, entry: batch.Entry, plugins: dict, bar: Progress) -> None:
         try:
-            is_folder, payload = hand_in_bytes(entry.path)
+            is_folder, payload = hand_in_bytes(entry.path, batch.get_lab(self.lab).hand_in_skips)
         except (PrepareError, OSError) as error:  # what the grading itself would have said
             partial = batch._partial_path(self.book.out, entry.id)
             batch.record_failure(partial, entry.id, self.book.profile_name, self.book.rubric,
                                  batch.failure_message(error), traceback.format_exc(), 0.0,
-                                 bundle=batch.bundle_fields(self.bundle))
+                                 bundle=batch.bundle_fields(self.bundle), lab=self.book.lab)
             batch.commit(partial, self.book.out / entry.id)
             self.book.load(entry.id)
             self.book.write()
@@ -775,7 +780,7 @@ class ClusterScheduler:
                   cache_root=self.cache_root, run_cache=self.run_cache,
                   bundle=(self.bundle.hash, self.bundle.profile, self.bundle.source),
                   bundle_plugin=plugins["bundle"], data_plugin=plugins["data"],
-                  grade_function=batch.grade)
+                  grade_function=batch.grade, lab=self.lab)
         future = client.submit(run_on_worker, job, key=f"grade-{entry.id}-{secrets.token_hex(4)}",
                                pure=False, retries=RETRIES,
                                resources=task_resources(self.device, self.gpus_per_job))
@@ -805,7 +810,8 @@ class ClusterScheduler:
             partial = batch._partial_path(out, sid)
             batch.record_failure(partial, sid, self.book.profile_name, self.book.rubric,
                                  worker_lost_message(tries), str(future.exception()), 0.0,
-                                 kind=WORKER_LOST, bundle=batch.bundle_fields(self.bundle))
+                                 kind=WORKER_LOST, bundle=batch.bundle_fields(self.bundle),
+                                 lab=self.book.lab)
             batch.commit(partial, out / sid)
         else:
             error = future.exception() if future.status == "error" else future.status

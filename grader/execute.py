@@ -5,12 +5,12 @@ A run executes a copy of the student's notebook in a fresh kernel (sandboxed by
 cell failed and can still dump the kernel's state after a failure. Cells the grader
 adds are tagged ``slimgrade-injected``:
 
-1. first, ``grader.runtime.install(config)``: Colab shims, device, data;
+1. first, the lab's runtime ``install(config)`` (``grader.lab.KernelSetup``): Colab shims, device, data;
 2. the profile's parameters as literals, after the cell tagged ``parameters``, or,
    when no cell has that tag, after every code cell that assigns one of
-   ``KNOWN_PARAMETERS`` (a cell that assigns one twice is followed once); when no cell
+   the lab's ``KernelSetup.known_parameters`` (a cell that assigns one twice is followed once); when no cell
    assigns any, right after the first injected cell;
-3. last, ``grader.runtime.dump_state(globals(), ...)``, run even after a failing cell.
+3. last, the lab runtime's ``dump_state(globals(), ...)``, run even after a failing cell.
 
 Starting a kernel and importing torch costs seconds. ``run_notebook`` can take an
 ``admit`` callback: the kernel starts and runs the first injected cell at once, then
@@ -55,19 +55,15 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 
 from grader import sandbox
+from grader.lab import KernelSetup, Profile
 from grader.runtime import SAVED_KEY
 from grader.runtime.launch import MAX_OPEN_FILES
 from grader.sandbox import KernelPlace, StudentKernelManager
 from grader.untrusted import UntrustedFileError, read_json
 from grader.untrusted import read_notebook as read_notebook  # the one reader of student notebooks
-from reference.profiles import Profile
 
 log = logging.getLogger(__name__)
 
-KNOWN_PARAMETERS = ("LAMBDA", "SPARSITY_REGULARIZATION", "SEED", "TRAIN_BATCH_SIZE",
-                    "TEST_BATCH_SIZE", "EPOCHS", "LEARNING_RATE", "MOMENTUM", "WEIGHT_DECAY",
-                    "CUDA", "RESUME", "WEIGHT_PATH", "PRUNE_PATH", "PRUNE_FINETUNE_PATH",
-                    "PRUNE_PERCENT", "DATA_ROOT", "DEVICE", "MIN_CHANNELS")
 INJECTED_TAG = "slimgrade-injected"
 PARAMETERS_TAG = "parameters"
 STATE_FILE = "slimgrade_state.json"
@@ -115,27 +111,6 @@ MAX_FDS_PER_PROCESS = MAX_OPEN_FILES  # the sandbox's RLIMIT_NOFILE: none goes u
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "hugetlbfs")
 CLONE_NEWIPC = 0x08000000
 
-TRUSTED_MODELS_INIT = "from .vgg import vgg, defaultcfg\n\n__all__ = ['vgg', 'defaultcfg']\n"
-TRUSTED_VGG = '''"""The lab's VGG, supplied by the grader in place of the submitted models/ folder.
-
-It is reference.model.vgg; only the default layout follows the grading profile
-(every width divided by {width_divisor}), so vgg() builds the network the expected bundle used.
-"""
-from reference.model import scaled_cfg
-from reference.model import vgg as _ReferenceVGG
-
-__all__ = ['vgg', 'defaultcfg']
-
-defaultcfg = scaled_cfg({width_divisor})
-
-
-class vgg(_ReferenceVGG):
-    def __init__(self, dataset='cifar10', init_weights=True, cfg=None):
-        super().__init__(dataset=dataset, init_weights=init_weights,
-                         cfg=list(defaultcfg) if cfg is None else cfg)
-'''
-
-
 class HarnessError(RuntimeError):
     """The grader could not run a notebook for a reason that is not the student's."""
 
@@ -160,6 +135,8 @@ class RunSpec:
     sandbox: bool | None = None  # None: bubblewrap when available
     # The one GPU the kernel sees (an entry of CUDA_VISIBLE_DEVICES); None: what the grader sees.
     visible_gpu: str | None = None
+    # The lab's runtime module, files and parameter names (None: the harness's shims only).
+    kernel: KernelSetup = field(default_factory=lambda: KernelSetup("grader.runtime"))
 
 
 @dataclass
@@ -258,16 +235,18 @@ def executed_notebook_path(work_dir: Path, notebook_name: str) -> Path:
     return grader_dir(work_dir) / f"executed_{notebook_name}"
 
 
-def write_trusted_models(work_dir: Path, width_divisor: int) -> None:
-    """``models/`` with the grader's VGG, replacing whatever the submission brought."""
-    models = work_dir / "models"
-    if models.is_symlink() or models.is_file():
-        models.unlink()
-    elif models.is_dir():
-        shutil.rmtree(models)
-    models.mkdir()
-    (models / "__init__.py").write_text(TRUSTED_MODELS_INIT)
-    (models / "vgg.py").write_text(TRUSTED_VGG.format(width_divisor=int(width_divisor)))
+def write_kernel_files(work_dir: Path, files: dict[str, str]) -> None:
+    """The lab's trusted stand-ins (``KernelSetup.files``), replacing whatever the submission
+    brought under their top-level names (a link there is removed, never followed)."""
+    for top in {Path(relative).parts[0] for relative in files}:
+        target = work_dir / top
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+    for relative, text in files.items():
+        (work_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (work_dir / relative).write_text(text)
 
 
 def assigned_names(source: str) -> set[str]:
@@ -448,7 +427,8 @@ class Plan:
 
 
 def plan_notebook(student_nb: NotebookNode, install_code: str, dump_code: str,
-                  parameters: dict[str, object], scale: dict[str, float]) -> Plan:
+                  parameters: dict[str, object], scale: dict[str, float],
+                  known_parameters: tuple[str, ...] = ()) -> Plan:
     """The student's cells (outputs cleared) with the grader's cells around and between them."""
     nb = nbformat.from_dict(student_nb)
     student_cells = nb.cells
@@ -461,7 +441,7 @@ def plan_notebook(student_nb: NotebookNode, install_code: str, dump_code: str,
         inject_after.add(tagged[0])
     else:
         for i, cell in enumerate(student_cells):
-            if cell.cell_type == "code" and assigned_names(cell.source) & set(KNOWN_PARAMETERS):
+            if cell.cell_type == "code" and assigned_names(cell.source) & set(known_parameters):
                 inject_after.add(i)
     wants_parameters = bool(parameters or scale)
     cells = [_injected_cell(install_code)]
@@ -1134,21 +1114,18 @@ class _Run:
         self.state: dict = {}
         self.cell_seconds = [0.0] * len(student_nb.cells)
         self.plan = plan_notebook(student_nb, self._install_code(), self._dump_code(),
-                                  spec.parameters, spec.scale)
+                                  spec.parameters, spec.scale, spec.kernel.known_parameters)
         self.client: OutputCappedClient | None = None
 
     def _install_code(self) -> str:
         spec = self.spec
         config = {"work_dir": str(self.work_dir), "device": spec.device,
-                  "dataset": spec.profile.dataset,
                   "data_root": None if spec.data_root is None else str(spec.data_root.resolve()),
-                  "width_divisor": spec.profile.width_divisor, "state_file": STATE_FILE,
-                  "threads": spec.threads}
-        return f"import grader.runtime as _slimgrade\n_slimgrade.install({config!r})\n"
+                  "state_file": STATE_FILE, "threads": spec.threads, **spec.kernel.config}
+        return f"import {spec.kernel.runtime} as _slimgrade\n_slimgrade.install({config!r})\n"
 
-    @staticmethod
-    def _dump_code() -> str:
-        return ("import grader.runtime as _slimgrade\n"
+    def _dump_code(self) -> str:
+        return (f"import {self.spec.kernel.runtime} as _slimgrade\n"
                 f"_slimgrade.dump_state(globals(), {STATE_FILE!r})\n")
 
     def prepare(self) -> None:
@@ -1156,7 +1133,7 @@ class _Run:
             shutil.rmtree(self.private)
         (self.private / "home").mkdir(parents=True)
         (self.work_dir / STATE_FILE).unlink(missing_ok=True)
-        write_trusted_models(self.work_dir, self.spec.profile.width_divisor)
+        write_kernel_files(self.work_dir, dict(self.spec.kernel.files))
         # The connection file and sockets live outside the work dir: jupyter_client removes
         # them by path after the run, and a kernel could have made their folder a link.
         # (A short path also keeps the sockets within sun_path's 108 bytes.)
@@ -1167,11 +1144,14 @@ class _Run:
         user = self.lease.user if self.lease is not None else None
         self.place = KernelPlace(self.work_dir, socket_dir, self.spec.data_root,
                                  self.spec.device, self.sandboxed, user,
-                                 self.spec.profile.file_limit_mb * 1024 * 1024)
+                                 self.spec.profile.file_limit_mb * 1024 * 1024, self._sees())
         if self.sandboxed:
             sandbox.hand_over(self.work_dir, user)
             if self.temporary_socket_dir is not None:
                 sandbox.hand_over(self.temporary_socket_dir, user)
+
+    def _sees(self) -> tuple[Path, ...]:
+        return tuple(path for path, _ in self.spec.kernel.sees)
 
     def cleanup(self) -> None:
         if self.temporary_socket_dir is not None:
@@ -1183,7 +1163,7 @@ class _Run:
     def kernel_env(self) -> dict[str, str]:
         """The kernel's whole environment: nothing of the grader's own (tokens, keys) leaks in."""
         threads = str(self.spec.threads)
-        python_path = sorted({str(folder.parent) for folder in sandbox.package_dirs()})
+        python_path = sorted({str(folder.parent) for folder in sandbox.package_dirs(self._sees())})
         env = {
             "PATH": os.pathsep.join([str(Path(os.path.abspath(sys.executable)).parent),
                                      "/usr/local/bin", "/usr/bin", "/bin"]),

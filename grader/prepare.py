@@ -1,4 +1,4 @@
-"""Find the three notebooks of a submission (a folder or a .zip) and copy them somewhere private."""
+"""Find a lab's notebooks in a submission (a folder or a .zip) and copy them somewhere private."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-NOTEBOOKS = ("sparsity_train", "vggprune", "train_prune_model")
 # Junk that archivers and Jupyter leave beside real notebooks.
 IGNORED_PARTS = {".ipynb_checkpoints", "__MACOSX"}
 MAX_UNPACKED_BYTES = 512 * 1024 * 1024
@@ -81,7 +80,13 @@ def _walk(root: Path, enter: Callable[[tuple[str, ...], os.DirEntry], bool]
                     stack.append((entry.path, here))
 
 
-def find_notebooks(root: Path) -> dict[str, Path | None]:
+def listing(notebooks: tuple[str, ...]) -> str:
+    """'a.ipynb, b.ipynb and c.ipynb': the lab's notebooks in a sentence."""
+    names = [f"{n}.ipynb" for n in notebooks]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def find_notebooks(root: Path, notebooks: tuple[str, ...]) -> dict[str, Path | None]:
     """Each lab notebook by a loose match of its name (case, separators), shallowest first.
 
     The walk is bounded (MAX_DEPTH, MAX_ENTRIES; beyond them nothing more is looked at),
@@ -97,7 +102,7 @@ def find_notebooks(root: Path) -> dict[str, Path | None]:
     candidates = sorted((Path(root).joinpath(*parts) for parts in found_files),
                         key=lambda p: (len(p.relative_to(root).parts), str(p)))
     found: dict[str, Path | None] = {}
-    for name in NOTEBOOKS:
+    for name in notebooks:
         exact = [p for p in candidates if _key(p.stem) == _key(name)]
         loose = [p for p in candidates if _key(name) in _key(p.stem)]
         found[name] = (exact or loose or [None])[0]
@@ -191,25 +196,26 @@ def safe_extract(archive: Path, target: Path) -> list[str]:
     return refused
 
 
-def _skipped_name(name: str) -> bool:
-    """Checkpoints and data are never copied out of a hand-in folder."""
-    return name.endswith((".pth", ".pt", ".tar")) or name == "data"
+def _skipped_name(name: str, suffixes: tuple[str, ...]) -> bool:
+    """A data folder is never copied out of a hand-in folder, nor files the lab makes itself
+    (``suffixes``: the slimming lab's checkpoints)."""
+    return name == "data" or bool(suffixes) and name.endswith(suffixes)
 
 
-def copy_folder(source: Path, target: Path) -> list[str]:
+def copy_folder(source: Path, target: Path, skipped: tuple[str, ...] = ()) -> list[str]:
     """Copy the hand-in folder ``source`` into the existing ``target``; returns the names of
     the folders refused for lying MAX_DEPTH deep (their contents are not looked at).
 
     Only regular files and folders are copied, never through a link: not links (which
     could point at the grader's files), FIFOs or devices (which would block or never
-    end), checkpoints or data. The walk is bounded (MAX_ENTRIES, MAX_DEPTH) and so is what
+    end), a ``data`` folder, or files whose name ends with one of ``skipped``. The walk is bounded (MAX_ENTRIES, MAX_DEPTH) and so is what
     is copied (MAX_UNPACKED_BYTES, as for a .zip); PrepareError beyond those.
     """
     refused: list[str] = []
     total = 0
     try:
-        for parts, entry in _walk(source, lambda parts, entry: not _skipped_name(entry.name)):
-            if _skipped_name(entry.name):
+        for parts, entry in _walk(source, lambda parts, entry: not _skipped_name(entry.name, skipped)):
+            if _skipped_name(entry.name, skipped):
                 continue
             destination = target.joinpath(*parts)
             if entry.is_dir(follow_symlinks=False):
@@ -248,37 +254,38 @@ def _copy_regular(path: str, destination: Path, budget: int, name: str) -> int:
     return written
 
 
-def prepare(submission: Path, work_root: Path) -> Submission:
-    """A private copy of the submission and where its notebooks are."""
+def prepare(submission: Path, work_root: Path, notebooks: tuple[str, ...],
+            skipped: tuple[str, ...] = ()) -> Submission:
+    """A private copy of the submission and where its notebooks (the lab's) are; files of a
+    folder whose name ends with one of ``skipped`` are left out (``copy_folder``)."""
     submission = Path(submission)
     if not submission.exists():
         raise PrepareError(f"{submission} does not exist: give the folder or .zip that holds "
-                           "the three notebooks.")
+                           f"{listing(notebooks)}.")
     root = work_root / "submission"
     root.mkdir(parents=True, exist_ok=True)
     refused: list[str] = []
     if submission.is_dir():
-        refused = copy_folder(submission, root)
+        refused = copy_folder(submission, root, skipped)
     elif zipfile.is_zipfile(submission):
         refused = safe_extract(submission, root)
     else:
         raise PrepareError(f"{submission} is neither a folder nor a .zip file: give the folder "
-                           "(or .zip) that holds sparsity_train.ipynb, vggprune.ipynb and "
-                           "train_prune_model.ipynb.")
-    notebooks = find_notebooks(root)
-    if not any(notebooks.values()):
+                           f"(or .zip) that holds {listing(notebooks)}.")
+    found = find_notebooks(root, notebooks)
+    if not any(found.values()):
         raise PrepareError(f"{submission} holds none of the lab's notebooks ("
-                           + ", ".join(f"{n}.ipynb" for n in NOTEBOOKS) + "): check the folder.")
+                           + ", ".join(f"{n}.ipynb" for n in notebooks) + "): check the folder.")
     name = submission.name.removesuffix(".zip")
-    return Submission(name, root, notebooks, refused)
+    return Submission(name, root, found, refused)
 
 
-def lab_notebooks_in(path: Path) -> set[str]:
+def lab_notebooks_in(path: Path, notebooks: tuple[str, ...]) -> set[str]:
     """Which of the lab's notebooks a folder or a .zip holds (at any depth), read without
     copying or unpacking anything; an unreadable .zip holds none."""
     path = Path(path)
     if path.is_dir():
-        return {name for name, found in find_notebooks(path).items() if found is not None}
+        return {name for name, found in find_notebooks(path, notebooks).items() if found is not None}
     if archive_problem(path) is not None:
         return set()
     try:
@@ -288,16 +295,16 @@ def lab_notebooks_in(path: Path) -> set[str]:
         return set()
     stems = [_key(n.stem) for n in names
              if n.suffix.lower() == ".ipynb" and not IGNORED_PARTS & set(n.parts)]
-    return {name for name in NOTEBOOKS if any(_key(name) in stem for stem in stems)}
+    return {name for name in notebooks if any(_key(name) in stem for stem in stems)}
 
 
-def top_level_notebooks(folder: Path) -> list[str]:
+def top_level_notebooks(folder: Path, notebooks: tuple[str, ...]) -> list[str]:
     """The names of the lab's notebooks lying directly in ``folder`` (not in a sub-folder)."""
     return sorted(p.name for p in Path(folder).iterdir() if p.is_file()
-                  and p.suffix.lower() == ".ipynb" and any(_key(n) in _key(p.stem) for n in NOTEBOOKS))
+                  and p.suffix.lower() == ".ipynb" and any(_key(n) in _key(p.stem) for n in notebooks))
 
 
-def several_submissions(folder: Path) -> list[str]:
+def several_submissions(folder: Path, notebooks: tuple[str, ...]) -> list[str]:
     """The entries of ``folder`` that are each a student's submission, when it holds more
     than one (a class folder given where one submission is expected); [] otherwise.
 
@@ -309,17 +316,17 @@ def several_submissions(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    if top_level_notebooks(folder):
+    if top_level_notebooks(folder, notebooks):
         return []
     entries = sorted(p for p in folder.iterdir()
                      if not p.name.startswith(".") and p.name not in IGNORED_PARTS)
     holding = {p.name: found for p in entries
-               if (p.is_dir() or p.suffix.lower() == ".zip") and (found := lab_notebooks_in(p))}
-    counts = [sum(name in found for found in holding.values()) for name in NOTEBOOKS]
+               if (p.is_dir() or p.suffix.lower() == ".zip") and (found := lab_notebooks_in(p, notebooks))}
+    counts = [sum(name in found for found in holding.values()) for name in notebooks]
     return sorted(holding) if max(counts, default=0) > 1 else []
 
 
-def hand_in_problem(submission: Path) -> str | None:
+def hand_in_problem(submission: Path, notebooks: tuple[str, ...]) -> str | None:
     """Why an existing folder or file cannot be graded at all (one sentence, the student's to
     fix: a .zip that does not open, none of the lab's notebooks), else None. Read only."""
     submission = Path(submission)
@@ -328,7 +335,7 @@ def hand_in_problem(submission: Path) -> str | None:
             return (f"{submission} is not a readable .zip file: zip the folder again." if
                     submission.suffix.lower() == ".zip" else
                     f"{submission} is neither a folder nor a .zip file: give the folder (or .zip) "
-                    "that holds sparsity_train.ipynb, vggprune.ipynb and train_prune_model.ipynb.")
+                    f"that holds {listing(notebooks)}.")
         problem = archive_problem(submission)
         if problem is not None:
             return problem
@@ -337,7 +344,7 @@ def hand_in_problem(submission: Path) -> str | None:
                 bundle.infolist()
         except (OSError, ValueError, zipfile.BadZipFile):
             return f"{submission} is not a readable .zip file: zip the folder again."
-    if not lab_notebooks_in(submission):
+    if not lab_notebooks_in(submission, notebooks):
         return (f"{submission} holds none of the lab's notebooks ("
-                + ", ".join(f"{n}.ipynb" for n in NOTEBOOKS) + "): check the folder.")
+                + ", ".join(f"{n}.ipynb" for n in notebooks) + "): check the folder.")
     return None

@@ -4,12 +4,41 @@ The result dict is the contract (see docs/design.md); any part of it may be
 missing when a stage failed, so everything here reads it defensively and shows
 "not available" instead of failing.
 
+This is the harness's part of the report and knows no lab: the page, the summary, the
+checks stage by stage, the failures, the runs, the diagnoses, what the grading changed,
+the notebooks as handed in and the environment. The lab's words and its own sections come
+from its ``grader.lab.ReportSection`` (``lab.report``), passed to every function here that
+names a run or a stage:
+
+* ``stages`` / ``stage_titles``: the order and the headings of the checks' stages; a
+  notebook ``<stage>.ipynb`` belongs to its stage, and so does a run whose id starts with
+  ``<stage>-``; failures are listed notebook by notebook in that order;
+* ``glossary``: one paragraph that says how the runs are named (above the failures);
+* ``run_label(run_id)``: a run or an evidence label in plain words;
+* ``section(result, out_dir)``: the lab's sections, an HTML fragment that its own
+  template rendered with autoescape on (``template_environment`` below); the page shows
+  it after "What this grading changed".
+
+and, if the lab has them (each optional; the page is generic without them):
+
+* ``title``: the lab's name in the page's heading ("<title>: grading report");
+* ``nav``: ``(anchor, label)`` pairs of the lab's sections for the links at the top;
+* ``profile_summary(profile_changes) -> str``: what the profile changed, in the lab's
+  words (plain text, escaped by the page), after "Profile <name>:";
+* ``printed_examples``: examples of the lab's key lines, said when a notebook printed none.
+
+The helpers a lab's section needs to read a result as safely are public here: ``as_dict``,
+``as_list``, ``number``, ``int_list``, ``plain``, ``text``, ``pct``, ``fraction``,
+``fixed``, ``general``, ``compact``, ``seconds``, ``points``, ``data_uri``,
+``template_environment`` and ``NOT_AVAILABLE``.
+
 Every string that came from a submission (messages, evidence, tracebacks,
 printed lines, paths, cfg) is untrusted. The HTML is rendered by jinja2 with
-autoescape on and no filter that marks text as safe anywhere; the page also carries a
-Content-Security-Policy that allows no script, no network and only ``data:``
-images, so it is self-contained: plots are inline PNG data URIs drawn with
-``reference.plots``.
+autoescape on and no template marks text as safe; the one piece of markup the page takes
+as it is, the lab's section, was itself rendered by an autoescaping template. The page
+also carries a Content-Security-Policy that allows no script, no network and only
+``data:`` images, so it is self-contained: plots are inline PNG data URIs
+(``data_uri``).
 """
 from __future__ import annotations
 
@@ -21,10 +50,13 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
+from markupsafe import Markup
 
-from reference import plots
+if TYPE_CHECKING:
+    from grader.lab import ReportSection
 
 INJECTED_TAG = "slimgrade-injected"  # grader.execute's tag on the cells it adds (not imported: torch)
 
@@ -43,22 +75,11 @@ ERROR_TAIL_CHARS = 6000
 PRINTED_HEAD = 10  # first and last lines of what a notebook printed (the end matters most)
 PRINTED_TAIL = 20
 PRINTED_LINE_CHARS = 300
-COPY_DIFFERENCES = 15
-CFG_CHARS = 400
 GRADESCOPE_OUTPUT_CHARS = 20000
 
-STAGES = ("sparsity_train", "vggprune", "train_prune_model", "chained", "report")
-STAGE_TITLES = {
-    "sparsity_train": "Sparsity training (sparsity_train.ipynb)",
-    "vggprune": "Pruning (vggprune.ipynb)",
-    "train_prune_model": "Fine-tuning (train_prune_model.ipynb)",
-    "chained": "Your own pipeline end to end",
-    "report": "Written report (graded by hand)",
-}
 STATUSES = ("pass", "fail", "error", "skip")
 SEVERITY_LABELS = {"error": "Mistake", "warning": "Worth fixing (costs nothing)",
                    "info": "Worth knowing (not your fault)"}
-PRUNE_RATIOS = ("0.5", "0.9")
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -66,79 +87,43 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # "Input In [16], in <cell line: 3>()" (8.0-8.3) and "<ipython-input-16-...>" (7).
 CELL_FRAME = re.compile(r"Cell In\s*\[(\d+)\]|Input In\s*\[(\d+)\]|<ipython-input-(\d+)-")
 
-# ---------------------------------------------------------------- plain words for the runs
-
-RUN_WORDS = {
-    "sparsity-lambda0": "sparsity training with LAMBDA = 0 (the baseline)",
-    "sparsity": "sparsity training with the grading's LAMBDA",
-    "prune-edge": "the probe: pruning a checkpoint built with a nearly empty layer",
-    "finetune": "fine-tuning the reference model pruned at 90 %",
-    "chained-sparsity": "your own pipeline: sparsity training with your LAMBDA",
-    "chained-finetune": "your own pipeline: fine-tuning your model pruned at 90 %",
-}
-GLOSSARY = ("How each notebook ran: once on the grader's reference inputs (\"the reference "
-            "checkpoint\"), so an early mistake does not sink the later stages; once more as "
-            "\"your own pipeline\", each notebook reading what your previous one wrote; and "
-            "vggprune once on \"the probe\", a checkpoint built on purpose with a nearly empty layer.")
-
-
-def run_label(run_id: object) -> str:
-    """A run of a grading (``prune-0.9``, ``chained-sparsity``) or an evidence label of the
-    diagnoses (``isolated 0.9``, ``chained 0.5``) in words a student understands."""
-    text = _plain(run_id).strip()
-    if text in RUN_WORDS:
-        return RUN_WORDS[text]
-    evidence = re.fullmatch(r"(isolated|chained) (.+)", text)
-    if evidence:
-        kind, key = evidence.groups()
-        if key == "edge":
-            return RUN_WORDS["prune-edge"]
-        text = f"{'chained-' if kind == 'chained' else ''}prune-{key}"
-    pruning = re.fullmatch(r"(chained-)?prune-([0-9.]+)", text)
-    if pruning:
-        try:
-            percent = f"{100 * float(pruning.group(2)):g} %"
-        except ValueError:
-            return text
-        return (f"your own pipeline: pruning at {percent}" if pruning.group(1)
-                else f"pruning the reference checkpoint at {percent}")
-    return text
-
 
 # ---------------------------------------------------------------- public API
 
-def render(result: dict, out_dir: Path) -> tuple[Path, Path]:
+def render(result: dict, out_dir: Path, report: ReportSection) -> tuple[Path, Path]:
     """Write out_dir/result.json and out_dir/report.html; return both paths."""
-    return write_result(result, out_dir), write_report(result, out_dir)
+    return write_result(result, out_dir), write_report(result, out_dir, report)
 
 
 def write_result(result: dict, out_dir: Path) -> Path:
     """out_dir/result.json, written atomically (a temporary file, then os.replace)."""
-    text = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False)
-    return _write_atomically(Path(out_dir) / "result.json", text + "\n")
+    content = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False)
+    return _write_atomically(Path(out_dir) / "result.json", content + "\n")
 
 
-def write_report(result: dict, out_dir: Path) -> Path:
+def write_report(result: dict, out_dir: Path, report: ReportSection) -> Path:
     """out_dir/report.html: one self-contained page (inline CSS and plots, no script).
 
     The executed notebooks already in out_dir/notebooks/<run id>.ipynb are linked."""
-    html = report_html(result, Path(out_dir))
+    html = report_html(result, Path(out_dir), report)
     return _write_atomically(Path(out_dir) / "report.html", html)
 
 
-def report_html(result: dict, out_dir: Path | None = None) -> str:
-    return _environment().get_template("report.html.j2").render(r=report_view(result, out_dir))
+def report_html(result: dict, out_dir: Path | None, report: ReportSection) -> str:
+    return template_environment().get_template("report.html.j2").render(
+        r=report_view(result, out_dir, report))
 
 
-def gradescope_results(result: dict) -> dict:
+def gradescope_results(result: dict, report: ReportSection) -> dict:
     """Gradescope's results.json: one test per automatic check, the findings in the top-level
     output (failures first: they are the causes), ``execution_time`` and ``output_format``.
 
     Items graded by hand are left out of the tests (Gradescope grades them as manual
     questions); the output says how many points they are worth.
     """
-    result = _dict(result)
-    checks, diagnoses, failures = _checks(result), _diagnoses(result), _failures(result)
+    result = as_dict(result)
+    checks, diagnoses = _checks(result), _diagnoses(result, report)
+    failures = _failures(result, report)
     tests = []
     for check in checks:
         if check["status"] == "skip":
@@ -150,20 +135,20 @@ def gradescope_results(result: dict) -> dict:
             test["output"] = f"Not graded: {check['message'].removeprefix('Not graded: ')}"
         tests.append(test)
 
-    view_summary = _summary(result, checks, diagnoses, failures)
+    view_summary = _summary(result, checks, diagnoses, failures, report)
     lines = [view_summary["score_line"], view_summary["verdict"]]
     manual = [c for c in checks if c["status"] == "skip"]
     if manual:
         lines.append(f"Graded by hand in Gradescope (not in the tests above), "
-                     f"{_points(sum(c['max_points'] or 0.0 for c in manual))} points: "
+                     f"{points(sum(c['max_points'] or 0.0 for c in manual))} points: "
                      + "; ".join(c["title"] for c in manual) + ".")
-    runs_of = _failed_runs(result, failures)
+    runs_of = _failed_runs(result, failures, report)
     for failure in failures:
         where = f", cell {failure['cell']}" if failure["cell"] else ""
         runs = runs_of[(failure["notebook"], failure["kind"], failure["message"])]
         lines += ["", f"Failure ({failure['kind']}): {failure['notebook']}{where}", f"  {failure['message']}"]
         if runs:
-            lines.append(f"  In: {'; '.join(run_label(r) for r in runs)}")
+            lines.append(f"  In: {'; '.join(report.run_label(r) for r in runs)}")
     for diagnosis in diagnoses:
         label = SEVERITY_LABELS[diagnosis["severity"]]
         lines += ["", f"{label}: {diagnosis['id']} ({diagnosis['stage']})", f"  {diagnosis['message']}"]
@@ -175,30 +160,45 @@ def gradescope_results(result: dict) -> dict:
             else:
                 lines.append(f"  - {item['run']}:")
                 lines += [f"      {d}" for d in item["details"]]
-    for note in _profile_notes(result, failures):
+    for note in _profile_notes(result, failures, report):
         where = f", cell {note['cell']}" if note["cell"] else ""
         lines += ["", f"Not counted: {note['notebook']}{where}", f"  {note['message']}",
                   f"  {note['explanation']}"]
-    output, cut = _clip("\n".join(lines), GRADESCOPE_OUTPUT_CHARS)
+    output, cut = clip("\n".join(lines), GRADESCOPE_OUTPUT_CHARS)
     if cut:
         output += "\n[output truncated; see report.html]"
-    results = {"score": _number(result.get("score")) or 0.0, "output": output,
+    results = {"score": number(result.get("score")) or 0.0, "output": output,
                "output_format": "text", "test_output_format": "text", "tests": tests}
-    seconds = _number(result.get("duration_s"))
-    if seconds is not None:
-        results["execution_time"] = round(seconds)
+    duration = number(result.get("duration_s"))
+    if duration is not None:
+        results["execution_time"] = round(duration)
     return results
+
+
+def template_environment(loader: jinja2.BaseLoader | None = None) -> jinja2.Environment:
+    """The jinja2 environment of the report: autoescape on, undefined names an error, the
+    ``points`` filter. ``loader`` defaults to grader/templates; a lab passes its own
+    (``jinja2.PackageLoader("labs.<lab>", "templates")``) for its section."""
+    env = jinja2.Environment(
+        loader=loader or jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["points"] = points
+    return env
 
 
 # ---------------------------------------------------------------- files
 
-def _write_atomically(path: Path, text: str) -> Path:
+def _write_atomically(path: Path, content: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is for TAs and tools to read
         with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as handle:
-            handle.write(text)
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -229,42 +229,43 @@ def _json_safe(value: object) -> object:
     return str(value)
 
 
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["points"] = _points
-    return env
+# ---------------------------------------------------------------- safe readers (public: labs use them)
 
-
-# ---------------------------------------------------------------- small readers
-
-def _dict(value: object) -> dict:
+def as_dict(value: object) -> dict:
+    """``value`` if it is a dict, else {}."""
     return value if isinstance(value, dict) else {}
 
 
-def _list(value: object) -> list:
+def as_list(value: object) -> list:
+    """``value`` as a list if it is a list or tuple, else []."""
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
-def _number(value: object) -> float | None:
+def number(value: object) -> float | None:
+    """A finite int or float as a float (not a bool); None for anything else."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
 
 
-def _text(value: object, limit: int = MESSAGE_CHARS) -> str:
+def int_list(value: object) -> list[int] | None:
+    """A non-empty list of finite numbers as ints, else None."""
+    items = as_list(value)
+    if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in items):
+        return None
+    return [int(v) for v in items]
+
+
+def text(value: object, limit: int = MESSAGE_CHARS) -> str:
     """Untrusted text made printable (no ANSI colours, no control characters) and capped."""
-    text, cut = _clip(_plain(value), limit)
-    return text + " [...]" if cut else text
+    shown, cut = clip(plain(value), limit)
+    return shown + " [...]" if cut else shown
 
 
-def _plain(value: object) -> str:
+def plain(value: object) -> str:
+    """Any value as printable text, uncapped ("" for None, JSON for anything not a str)."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -275,167 +276,209 @@ def _plain(value: object) -> str:
     return CONTROL_CHARS.sub("", ANSI_ESCAPE.sub("", value))
 
 
-def _clip(text: str, limit: int) -> tuple[str, bool]:
-    return (text, False) if len(text) <= limit else (text[:limit], True)
+def clip(value: str, limit: int) -> tuple[str, bool]:
+    """The first ``limit`` characters, and whether any were cut."""
+    return (value, False) if len(value) <= limit else (value[:limit], True)
 
 
-def _pct(value: object) -> str:
-    number = _number(value)
-    return NOT_AVAILABLE if number is None else f"{number:.1f}%"
+# ---------------------------------------------------------------- formats (public: labs use them)
+
+def pct(value: object) -> str:
+    """A percentage already in %: 76.34 -> "76.3%"."""
+    n = number(value)
+    return NOT_AVAILABLE if n is None else f"{n:.1f}%"
 
 
-def _fraction(value: object) -> str:
-    number = _number(value)
-    return NOT_AVAILABLE if number is None else f"{100 * number:.0f}%"
+def fraction(value: object) -> str:
+    """A fraction in [0, 1] as a whole percentage: 0.35 -> "35%"."""
+    n = number(value)
+    return NOT_AVAILABLE if n is None else f"{100 * n:.0f}%"
 
 
-def _points(value: object) -> str:
-    number = _number(value)
-    return "\u2013" if number is None else f"{round(number, 2):g}"
+def points(value: object) -> str:
+    """Points as the report shows them (at most 2 decimals; an en dash when missing)."""
+    n = number(value)
+    return "\u2013" if n is None else f"{round(n, 2):g}"
 
 
-def _seconds(value: object) -> str:
-    number = _number(value)
-    if number is None:
+def seconds(value: object) -> str:
+    """A duration: "71.3 s", or minutes from 2 minutes on."""
+    n = number(value)
+    if n is None:
         return NOT_AVAILABLE
-    return f"{number:.1f} s" if number < 120 else f"{number / 60:.1f} min"
+    return f"{n:.1f} s" if n < 120 else f"{n / 60:.1f} min"
 
 
-def _int_list(value: object) -> list[int] | None:
-    items = _list(value)
-    if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                            for v in items):
+def general(value: object) -> str:
+    """Four significant digits: 0.012345 -> "0.01235"."""
+    n = number(value)
+    return NOT_AVAILABLE if n is None else f"{n:.4g}"
+
+
+def compact(value: object) -> str:
+    """A count with a k/M/G suffix: 1234567 -> "1.23M"."""
+    n = number(value)
+    if n is None:
+        return NOT_AVAILABLE
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= limit:
+            return f"{n / limit:.3g}{suffix}"
+    return f"{n:g}"
+
+
+def fixed(value: object, digits: int) -> str:
+    """A number with ``digits`` decimals."""
+    n = number(value)
+    return NOT_AVAILABLE if n is None else f"{n:.{digits}f}"
+
+
+def data_uri(draw: Callable[[], bytes]) -> str | None:
+    """A PNG data URI of what ``draw`` returns, or None when the data cannot be plotted."""
+    try:
+        png = draw()
+    except Exception:  # noqa: BLE001 - a plot is never worth a failed report
         return None
-    return [int(v) for v in items]
-
-
-def _cfg_kept(cfg: object) -> list[int] | None:
-    return _int_list([v for v in _list(cfg) if v != "M"]) if _list(cfg) else None
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 # ---------------------------------------------------------------- the view of a result
 
-def report_view(result: dict, out_dir: Path | None = None) -> dict:
-    """Everything the template shows, already made safe to read: plain strings and numbers."""
-    result = _dict(result)
-    metrics = _dict(result.get("metrics"))
-    checks, diagnoses = _checks(result), _diagnoses(result)
-    failures = _failures(result, out_dir=out_dir)
-    runs_of = _failed_runs(result, failures)
+def report_view(result: dict, out_dir: Path | None, report: ReportSection) -> dict:
+    """Everything the template shows, already made safe to read: plain strings and numbers,
+    and the lab's section, markup its own autoescaping template made."""
+    result = as_dict(result)
+    checks, diagnoses = _checks(result), _diagnoses(result, report)
+    failures = _failures(result, report, out_dir=out_dir)
+    runs_of = _failed_runs(result, failures, report)
     for failure in failures:
         failure["run_ids"] = runs_of[(failure["notebook"], failure["kind"], failure["message"])]
-        failure["runs"] = [run_label(r) for r in failure["run_ids"]]
-    submission = _text(result.get("submission"), 300) or NOT_AVAILABLE
+        failure["runs"] = [report.run_label(r) for r in failure["run_ids"]]
+    submission = text(result.get("submission"), 300) or NOT_AVAILABLE
+    title = text(getattr(report, "title", ""), 200)
     return {
         "title": f"slimgrade report: {submission}",
+        "heading": f"{title}: grading report" if title else "Grading report",
+        "nav": [(text(anchor, 100), text(label, 100)) for anchor, label in getattr(report, "nav", ())],
         "submission": submission,
-        "profile": _text(result.get("profile"), 100) or NOT_AVAILABLE,
-        "graded_at": _text(result.get("graded_at"), 100) or NOT_AVAILABLE,
-        "duration": _seconds(result.get("duration_s")),
-        "version": _text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE,
-        "summary": _summary(result, checks, diagnoses, failures),
-        "stages": _stages(checks, failures, _hand(result, checks)),
-        "glossary": GLOSSARY,
+        "profile": text(result.get("profile"), 100) or NOT_AVAILABLE,
+        "graded_at": text(result.get("graded_at"), 100) or NOT_AVAILABLE,
+        "duration": seconds(result.get("duration_s")),
+        "version": text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE,
+        "summary": _summary(result, checks, diagnoses, failures, report),
+        "stages": _stages(checks, report, failures, _hand(result, checks)),
+        "glossary": text(report.glossary),
         "errors": [d for d in diagnoses if d["severity"] == "error"],
         "warnings": [d for d in diagnoses if d["severity"] == "warning"],
         "infos": [d for d in diagnoses if d["severity"] == "info"],
-        "profile_changes": _profile_changes(result),
-        "profile_notes": _profile_notes(result, failures, out_dir),
-        "pruning": _pruning(metrics),
-        "sparsity": _sparsity(metrics),
-        "accuracy_rows": _accuracy_rows(metrics),
-        "runs": _runs(metrics, out_dir),
+        "profile_changes": _profile_changes(result, report),
+        "profile_notes": _profile_notes(result, failures, report, out_dir),
+        "section": _section(result, out_dir, report),
+        "runs": _runs(as_dict(result.get("metrics")), out_dir, report),
         "failures": failures,
         "handed_in": _handed_in(result),
+        "printed_examples": text(getattr(report, "printed_examples", ""), 200),
         "environment": _environment_rows(result),
     }
 
 
+def _section(result: dict, out_dir: Path | None, report: ReportSection) -> dict:
+    """The lab's sections: its fragment as markup (its template escaped what it shows), or
+    why it is not there. A lab's bug costs its sections, never the page."""
+    try:
+        fragment = report.section(result, out_dir)
+    except Exception as error:  # noqa: BLE001 - the rest of the report is still worth having
+        return {"html": Markup(""), "error": text(f"{type(error).__name__}: {error}", 500)}
+    return {"html": Markup(fragment), "error": ""}
+
+
 def _checks(result: dict) -> list[dict]:
     checks = []
-    for raw in _list(result.get("checks")):
-        raw = _dict(raw)
+    for raw in as_list(result.get("checks")):
+        raw = as_dict(raw)
         if not raw:
             continue
         status = raw.get("status") if raw.get("status") in STATUSES else "unknown"
         checks.append({
-            "id": _text(raw.get("id"), 200) or "(no id)",
-            "stage": _text(raw.get("stage"), 100) or "other",
-            "title": _text(raw.get("title"), 300),
+            "id": text(raw.get("id"), 200) or "(no id)",
+            "stage": text(raw.get("stage"), 100) or "other",
+            "title": text(raw.get("title"), 300),
             "status": status,
-            "points": _number(raw.get("points")),
-            "max_points": _number(raw.get("max_points")),
-            "message": _text(raw.get("message")),
+            "points": number(raw.get("points")),
+            "max_points": number(raw.get("max_points")),
+            "message": text(raw.get("message")),
         })
     return checks
 
 
-def _evidence(raw: object) -> tuple[list[dict], int]:
+def _evidence(raw: object, report: ReportSection) -> tuple[list[dict], int]:
     """[{"run": label or None, "details": [str], "hidden": n}], and how many items were left out."""
-    items = _list(raw)
+    items = as_list(raw)
     shown = []
     for item in items[:EVIDENCE_ITEMS]:
         if isinstance(item, dict):
-            details = _list(item.get("details"))
+            details = as_list(item.get("details"))
             if not details and "details" not in item:
                 details = [item]
-            shown.append({"run": run_label(_text(item.get("run"), 200)) or "run",
-                          "details": [_text(d, DETAIL_CHARS) for d in details[:EVIDENCE_DETAILS]],
+            shown.append({"run": report.run_label(text(item.get("run"), 200)) or "run",
+                          "details": [text(d, DETAIL_CHARS) for d in details[:EVIDENCE_DETAILS]],
                           "hidden": max(0, len(details) - EVIDENCE_DETAILS)})
         else:
-            shown.append({"run": None, "details": [_text(item, DETAIL_CHARS)], "hidden": 0})
+            shown.append({"run": None, "details": [text(item, DETAIL_CHARS)], "hidden": 0})
     return shown, max(0, len(items) - EVIDENCE_ITEMS)
 
 
-def _diagnoses(result: dict) -> list[dict]:
+def _diagnoses(result: dict, report: ReportSection) -> list[dict]:
     diagnoses = []
-    for raw in _list(result.get("diagnoses")):
-        raw = _dict(raw)
+    for raw in as_list(result.get("diagnoses")):
+        raw = as_dict(raw)
         if not raw:
             continue
-        evidence, hidden = _evidence(raw.get("evidence"))
+        evidence, hidden = _evidence(raw.get("evidence"), report)
         diagnoses.append({
-            "id": _text(raw.get("id"), 200) or "(no id)",
-            "stage": _text(raw.get("stage"), 100) or "other",
+            "id": text(raw.get("id"), 200) or "(no id)",
+            "stage": text(raw.get("stage"), 100) or "other",
             "severity": raw.get("severity") if raw.get("severity") in SEVERITY_LABELS else "error",
-            "message": _text(raw.get("message")),
-            "hint": _text(raw.get("hint")),
+            "message": text(raw.get("message")),
+            "hint": text(raw.get("hint")),
             "evidence": evidence,
             "evidence_hidden": hidden,
         })
     return diagnoses
 
 
-def _profile_changes(result: dict) -> dict:
-    raw = _dict(result.get("profile_changes"))
-    changes = [{"notebook": _text(c.get("notebook"), 300), "name": _text(c.get("name"), 100),
-                "notebook_value": _text(c.get("notebook_value"), 100) or NOT_AVAILABLE,
-                "graded_with": _text(c.get("graded_with"), 100)}
-               for c in map(_dict, _list(raw.get("changes")))]
-    return {"profile": _text(raw.get("profile"), 100) or _text(result.get("profile"), 100),
-            **{key: _text(raw.get(key), 500) for key in ("data", "model", "device", "epochs",
-                                                          "finetune_epochs", "why")},
+def _profile_changes(result: dict, report: ReportSection) -> dict:
+    """The profile, what it changed in the lab's words (its ``profile_summary``, if any), why,
+    and the settings of the notebooks it replaced."""
+    raw = as_dict(result.get("profile_changes"))
+    changes = [{"notebook": text(c.get("notebook"), 300), "name": text(c.get("name"), 100),
+                "notebook_value": text(c.get("notebook_value"), 100) or NOT_AVAILABLE,
+                "graded_with": text(c.get("graded_with"), 100)}
+               for c in map(as_dict, as_list(raw.get("changes")))]
+    describe = getattr(report, "profile_summary", None)
+    return {"profile": text(raw.get("profile"), 100) or text(result.get("profile"), 100),
+            "summary": text(describe(raw), 4 * MESSAGE_CHARS) if callable(describe) else "",
+            "why": text(raw.get("why"), 500),
             "changes": changes}
 
 
-NOTEBOOK_ORDER = ("sparsity_train", "vggprune", "train_prune_model")
-
-
-def _failures(result: dict, key: str = "failures", out_dir: Path | None = None) -> list[dict]:
+def _failures(result: dict, report: ReportSection, key: str = "failures",
+              out_dir: Path | None = None) -> list[dict]:
     """The failures (or the profile notes) in the order of their causes: a notebook that was
-    not handed in first, then notebook by notebook in the lab's order, a cell that raised
-    before what it left unwritten. Cells are numbered as Jupyter shows them, from 1."""
+    not handed in first, then notebook by notebook in the lab's order (its stages), a cell
+    that raised before what it left unwritten. Cells are numbered as Jupyter shows them,
+    from 1."""
+    order_of = list(report.stages)
     failures = []
-    for order, raw in enumerate(_list(result.get(key))):
-        raw = _dict(raw)
+    for order, raw in enumerate(as_list(result.get(key))):
+        raw = as_dict(raw)
         if not raw:
             continue
         cell = raw.get("cell_index")
         position = cell if isinstance(cell, int) and not isinstance(cell, bool) and cell >= 0 else None
-        run_id = _text(raw.get("run"), 100)
+        run_id = text(raw.get("run"), 100)
         counts = _execution_counts(out_dir, run_id)
-        tail_text = _plain(raw.get("error_tail") if not isinstance(raw.get("error_tail"), (list, tuple))
-                           else "\n".join(_plain(v) for v in raw.get("error_tail")))
+        tail_text = plain(raw.get("error_tail") if not isinstance(raw.get("error_tail"), (list, tuple))
+                          else "\n".join(plain(v) for v in raw.get("error_tail")))
         shown_in = next((n for n, p in counts.items() if p == position), None)
         if shown_in is None and position is not None:
             first = CELL_FRAME.search(tail_text)  # the outermost frame is the failing cell
@@ -443,22 +486,22 @@ def _failures(result: dict, key: str = "failures", out_dir: Path | None = None) 
         if position is not None and shown_in is not None:
             counts.setdefault(shown_in, position)
         tail, note = _tail(_name_cells(tail_text, counts))
-        notebook = _text(raw.get("notebook"), 300) or NOT_AVAILABLE
-        kind = _text(raw.get("kind"), 100) or "unknown"
+        notebook = text(raw.get("notebook"), 300) or NOT_AVAILABLE
+        kind = text(raw.get("kind"), 100) or "unknown"
         stem = notebook.removesuffix(".ipynb")
         failures.append({
             "notebook": notebook,
             "run": run_id,
-            "run_label": run_label(run_id) if run_id else "",
+            "run_label": report.run_label(run_id) if run_id else "",
             "kind": kind,
-            "message": _text(raw.get("message")),
+            "message": text(raw.get("message")),
             "cell": str(position + 1) if position is not None else "",
             "shown_in": str(shown_in) if shown_in is not None and position is not None else "",
             "tail": tail,
             "tail_note": note,
-            "explanation": _text(raw.get("explanation")),
+            "explanation": text(raw.get("explanation")),
             "_order": (0 if not run_id and kind == "missing-artifact" else 1,
-                       NOTEBOOK_ORDER.index(stem) if stem in NOTEBOOK_ORDER else len(NOTEBOOK_ORDER),
+                       order_of.index(stem) if stem in order_of else len(order_of),
                        1 if kind == "missing-artifact" else 0, order),
         })
     failures.sort(key=lambda f: f["_order"])
@@ -483,67 +526,68 @@ def _execution_counts(out_dir: Path | None, run_id: str) -> dict[int, int]:
         return {}
     counts, position = {}, 0
     for cell in cells:
-        tags = _list(_dict(cell.get("metadata")).get("tags"))
+        tags = as_list(as_dict(cell.get("metadata")).get("tags"))
         if INJECTED_TAG in tags:
             continue
-        number = cell.get("execution_count")
-        if isinstance(number, int) and not isinstance(number, bool):
-            counts[number] = position
+        count = cell.get("execution_count")
+        if isinstance(count, int) and not isinstance(count, bool):
+            counts[count] = position
         position += 1
     return counts
 
 
-def _name_cells(text: str, counts: dict[int, int]) -> str:
+def _name_cells(traceback: str, counts: dict[int, int]) -> str:
     """Each "Cell In[16]" of a traceback followed by the cell it is, as the student counts."""
     def name(match: re.Match) -> str:
-        number = int(next(g for g in match.groups() if g))
-        return (f"{match.group(0)} [your cell {counts[number] + 1}]" if number in counts
+        count = int(next(g for g in match.groups() if g))
+        return (f"{match.group(0)} [your cell {counts[count] + 1}]" if count in counts
                 else match.group(0))
-    return CELL_FRAME.sub(name, text) if counts else text
+    return CELL_FRAME.sub(name, traceback) if counts else traceback
 
 
 def _tail(value: object) -> tuple[str, str]:
     """An error as the grader kept it (the student's frames, the library frames nearest the
     error, the exception), capped: its first lines and its end, a note when cut."""
     if isinstance(value, (list, tuple)):
-        value = "\n".join(_plain(v) for v in value)
-    text = _plain(value).rstrip()
-    lines = text.splitlines()
+        value = "\n".join(plain(v) for v in value)
+    shown = plain(value).rstrip()
+    lines = shown.splitlines()
     notes = []
     if len(lines) > ERROR_TAIL_LINES:
         left_out = len(lines) - ERROR_TAIL_LINES
         notes.append(f"{left_out} lines in the middle left out")
         lines = (lines[:ERROR_HEAD_LINES] + [f"[... {left_out} lines left out ...]"]
                  + lines[-(ERROR_TAIL_LINES - ERROR_HEAD_LINES):])
-    text = "\n".join(lines)
-    if len(text) > ERROR_TAIL_CHARS:
-        notes.append(f"{len(text) - ERROR_TAIL_CHARS} earlier characters left out")
-        text = text[-ERROR_TAIL_CHARS:]
-    return text, "; ".join(notes)
+    shown = "\n".join(lines)
+    if len(shown) > ERROR_TAIL_CHARS:
+        notes.append(f"{len(shown) - ERROR_TAIL_CHARS} earlier characters left out")
+        shown = shown[-ERROR_TAIL_CHARS:]
+    return shown, "; ".join(notes)
 
 
-def _profile_notes(result: dict, failures: list[dict], out_dir: Path | None = None) -> list[dict]:
+def _profile_notes(result: dict, failures: list[dict], report: ReportSection,
+                   out_dir: Path | None = None) -> list[dict]:
     """The notes that cost nothing, less any that repeats a counted failure (a notebook that
     failed on its reference input too did not fail "only on the probe")."""
     counted = {(f["notebook"], f["kind"], f["message"]) for f in failures}
-    return [n for n in _failures(result, "profile_notes", out_dir)
+    return [n for n in _failures(result, report, "profile_notes", out_dir)
             if (n["notebook"], n["kind"], n["message"]) not in counted]
 
 
-def _failed_runs(result: dict, failures: list[dict]) -> dict[tuple, list[str]]:
+def _failed_runs(result: dict, failures: list[dict], report: ReportSection) -> dict[tuple, list[str]]:
     """{(notebook, kind, message) of a counted failure: the runs it happened in}. A failure
     is listed once however many runs met it; the runs are counted here, from metrics.runs
     (a run whose failure is a note that costs nothing is not counted)."""
     counted = {(f["notebook"], f["kind"], f["message"]): [] for f in failures}
-    noted = {(n["run"], n["message"]) for n in _profile_notes(result, failures)}
-    for run_id, raw in _dict(_dict(result.get("metrics")).get("runs")).items():
-        if (_text(run_id, 100), _text(_dict(_dict(raw).get("failure")).get("message"))) in noted:
+    noted = {(n["run"], n["message"]) for n in _profile_notes(result, failures, report)}
+    for run_id, raw in as_dict(as_dict(result.get("metrics")).get("runs")).items():
+        if (text(run_id, 100), text(as_dict(as_dict(raw).get("failure")).get("message"))) in noted:
             continue
-        failure = _dict(_dict(raw).get("failure"))
-        key = (_text(failure.get("notebook"), 300) or NOT_AVAILABLE,
-               _text(failure.get("kind"), 100) or "unknown", _text(failure.get("message")))
+        failure = as_dict(as_dict(raw).get("failure"))
+        key = (text(failure.get("notebook"), 300) or NOT_AVAILABLE,
+               text(failure.get("kind"), 100) or "unknown", text(failure.get("message")))
         if failure and key in counted:
-            counted[key].append(_text(run_id, 100))
+            counted[key].append(text(run_id, 100))
     for f in failures:  # a failure without metrics still names its own run
         key = (f["notebook"], f["kind"], f["message"])
         if not counted[key] and f["run"]:
@@ -554,28 +598,29 @@ def _failed_runs(result: dict, failures: list[dict]) -> dict[tuple, list[str]]:
 def _hand(result: dict, checks: list[dict]) -> dict:
     """The hand grades merged in by ``slimgrade batch`` (hand-grades.csv), checked against
     the report items' maxima: {"points": {id: float}, "total", "max", "comment"}."""
-    raw = _dict(result.get("hand_grades"))
+    raw = as_dict(result.get("hand_grades"))
     maxima = {c["id"]: c["max_points"] for c in checks if c["status"] == "skip"}
-    points = {}
-    for item, value in _dict(raw.get("points")).items():
-        number, item = _number(value), _text(item, 200)
-        if item in maxima and number is not None and 0 <= number <= (maxima[item] or 0.0):
-            points[item] = number
-    return {"points": points, "total": sum(points.values()) if points else None,
+    given = {}
+    for item, value in as_dict(raw.get("points")).items():
+        n, item = number(value), text(item, 200)
+        if item in maxima and n is not None and 0 <= n <= (maxima[item] or 0.0):
+            given[item] = n
+    return {"points": given, "total": sum(given.values()) if given else None,
             "max": sum(m or 0.0 for m in maxima.values()) or None,
-            "complete": bool(maxima) and set(points) == set(maxima),
-            "comment": _text(raw.get("comment"), MESSAGE_CHARS)}
+            "complete": bool(maxima) and set(given) == set(maxima),
+            "comment": text(raw.get("comment"), MESSAGE_CHARS)}
 
 
-def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: list[dict]) -> dict:
+def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: list[dict],
+             report: ReportSection) -> dict:
     counts = {status: sum(c["status"] == status for c in checks) for status in STATUSES}
-    score, max_score = _number(result.get("score")), _number(result.get("max_score"))
-    manual = _number(result.get("manual_max_points"))
+    score, max_score = number(result.get("score")), number(result.get("max_score"))
+    manual = number(result.get("manual_max_points"))
     if manual is None:
         manual = sum(c["max_points"] or 0.0 for c in checks if c["status"] == "skip") or None
     automatic = counts["pass"] + counts["fail"] + counts["error"]
     mistakes = [d["id"] for d in diagnoses if d["severity"] == "error"]
-    runs = _failed_runs(result, failures)
+    runs = _failed_runs(result, failures, report)
     failed_runs = sum(len(r) for r in runs.values())
     missing = sum(1 for f in failures if not f["run"] and f["kind"] == "missing-artifact")
     other = sum(1 for f in failures if not f["run"] and f["kind"] != "missing-artifact")
@@ -601,21 +646,21 @@ def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: 
         verdict = "; ".join(parts) + "."
     level = ("good" if score is not None and max_score and score >= max_score and not failures
              else "bad" if not checks or (automatic and counts["error"] == automatic) else "mixed")
-    score_line = (f"Automatic score: {_points(score)} / {_points(max_score)}"
+    score_line = (f"Automatic score: {points(score)} / {points(max_score)}"
                   if score is not None or max_score is not None else "Automatic score: not available")
     hand = _hand(result, checks)
     if hand["total"] is not None:
-        manual_line = (f"Graded by hand from your written report: {_points(hand['total'])} / "
-                       f"{_points(manual)}{'' if hand['complete'] else ' (some items still pending)'}.")
+        manual_line = (f"Graded by hand from your written report: {points(hand['total'])} / "
+                       f"{points(manual)}{'' if hand['complete'] else ' (some items still pending)'}.")
     else:
-        manual_line = (f"Up to {_points(manual)} more points are graded by hand from your written "
+        manual_line = (f"Up to {points(manual)} more points are graded by hand from your written "
                        f"report (pending)." if manual else "")
-    final = (f"Total: {_points(score + hand['total'])} / {_points(max_score + manual)}"
+    final = (f"Total: {points(score + hand['total'])} / {points(max_score + manual)}"
              if hand["total"] is not None and score is not None and max_score is not None and manual
              else "")
     first = failures[0] if failures else None
-    return {"score": _points(score), "max_score": _points(max_score), "counts": counts,
-            "verdict": verdict, "level": level, "manual": _points(manual) if manual else "",
+    return {"score": points(score), "max_score": points(max_score), "counts": counts,
+            "verdict": verdict, "level": level, "manual": points(manual) if manual else "",
             "score_line": score_line, "manual_line": manual_line, "final_line": final,
             "hand_comment": hand["comment"],
             "failed_runs": failed_runs, "missing_notebooks": missing,
@@ -623,10 +668,15 @@ def _summary(result: dict, checks: list[dict], diagnoses: list[dict], failures: 
             "percent": (100.0 * score / max_score) if score is not None and max_score else None}
 
 
-def _stages(checks: list[dict], failures: list[dict] | None = None, hand: dict | None = None) -> list[dict]:
-    """The checks stage by stage; above each, what stopped its notebook first (a notebook not
-    handed in, the first failure of its runs): the cause comes before its consequences."""
-    order = list(STAGES) + sorted({c["stage"] for c in checks} - set(STAGES))
+def _stages(checks: list[dict], report: ReportSection, failures: list[dict] | None = None,
+            hand: dict | None = None) -> list[dict]:
+    """The checks stage by stage, in the lab's order; above each, what stopped its notebook
+    first (a notebook not handed in, the first failure of its runs): the cause comes before
+    its consequences. A failure is a stage's when it names the notebook ``<stage>.ipynb`` or
+    a run whose id starts with ``<stage>-``."""
+    known = list(report.stages)
+    order = known + sorted({c["stage"] for c in checks} - set(known))
+    titles = report.stage_titles
     hand_points = (hand or {}).get("points") or {}
     stages = []
     for stage in order:
@@ -638,8 +688,7 @@ def _stages(checks: list[dict], failures: list[dict] | None = None, hand: dict |
                 row["hand_points"] = hand_points[row["id"]]
         automatic = [c for c in rows if c["status"] != "skip"]
         causes = [f for f in failures or [] if f["notebook"] == f"{stage}.ipynb"
-                  or (stage == "chained" and any(r.startswith("chained-")
-                                                 for r in f.get("run_ids") or [f["run"]]))]
+                  or any(r.startswith(f"{stage}-") for r in f.get("run_ids") or [f["run"]])]
         cause = ""
         first = causes[0] if causes else None
         if first and not first["run"] and first["kind"] == "missing-artifact":
@@ -648,236 +697,14 @@ def _stages(checks: list[dict], failures: list[dict] | None = None, hand: dict |
             cause = (f"First: {first['message']} The checks below marked error could not be "
                      "graded because of it.")
         stages.append({
-            "id": stage, "title": STAGE_TITLES.get(stage, stage), "checks": rows,
-            "points": _points(sum(c["points"] or 0.0 for c in automatic)),
-            "max_points": _points(sum(c["max_points"] or 0.0 for c in automatic)),
+            "id": stage, "title": titles.get(stage, stage), "checks": rows,
+            "points": points(sum(c["points"] or 0.0 for c in automatic)),
+            "max_points": points(sum(c["max_points"] or 0.0 for c in automatic)),
             "manual": not automatic, "cause": cause,
-            "hand_points": _points(sum(hand_points.get(c["id"], 0.0) for c in rows))
+            "hand_points": points(sum(hand_points.get(c["id"], 0.0) for c in rows))
             if any(c["id"] in hand_points for c in rows) else "",
         })
     return stages
-
-
-# ---------------------------------------------------------------- pruning and sparsity
-
-def _data_uri(draw: Callable[[], bytes]) -> str | None:
-    """A PNG data URI, or None when the data cannot be plotted."""
-    try:
-        png = draw()
-    except Exception:  # noqa: BLE001 - a plot is never worth a failed report
-        return None
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _histogram(stats: object) -> dict | None:
-    histogram = _dict(_dict(stats).get("histogram"))
-    counts, edges = _list(histogram.get("counts")), _list(histogram.get("edges"))
-    numbers = counts + edges
-    if (not counts or len(edges) != len(counts) + 1
-            or any(_number(v) is None for v in numbers)):
-        return None
-    return {"counts": [float(v) for v in counts], "edges": [float(v) for v in edges]}
-
-
-def _sparsity(metrics: dict) -> dict:
-    sparsity = _dict(metrics.get("sparsity"))
-    reference = _dict(_dict(metrics.get("reference")).get("sparsity_gamma"))
-    series = {
-        "your notebook, the grading's LAMBDA": _dict(_dict(sparsity.get("lambda")).get("gamma")),
-        "reference, the same LAMBDA": _dict(reference.get("lambda")),
-        "your notebook, LAMBDA = 0": _dict(_dict(sparsity.get("lambda0")).get("gamma")),
-    }
-    histograms = {label: h for label, stats in series.items() if (h := _histogram(stats))}
-    plot = _data_uri(lambda: plots.gamma_histogram(histograms)) if histograms else None
-    thresholds = sorted({str(t) for stats in series.values() for t in _dict(stats.get("fraction_below"))
-                         if _threshold(t) is not None}, key=_threshold)[:6] or ["0.01"]
-    rows = []
-    for label, stats in series.items():
-        below = _dict(stats.get("fraction_below"))
-        rows.append({"label": label, "mean_abs": _fixed(stats.get("mean_abs"), 4),
-                     "below": [_fraction(below.get(t)) for t in thresholds]})
-    errors = [f"{name}: {_text(_dict(sparsity.get(name)).get('error'))}"
-              for name in ("lambda", "lambda0") if _dict(sparsity.get(name)).get("error")]
-    return {"plot": plot, "rows": rows, "errors": errors, "thresholds": thresholds,
-            "missing": [label for label in series if label not in histograms]}
-
-
-def _threshold(key: object) -> float | None:
-    try:
-        value = float(str(key))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _general(value: object) -> str:
-    number = _number(value)
-    return NOT_AVAILABLE if number is None else f"{number:.4g}"
-
-
-def _count(value: object) -> str:
-    number = _number(value)
-    if number is None:
-        return NOT_AVAILABLE
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= limit:
-            return f"{number / limit:.3g}{suffix}"
-    return f"{number:g}"
-
-
-def _fixed(value: object, digits: int) -> str:
-    number = _number(value)
-    return NOT_AVAILABLE if number is None else f"{number:.{digits}f}"
-
-
-def _prune_facts(metrics: dict) -> list[tuple[str, str, dict]]:
-    """(label, ratio key, facts) of every vggprune run, isolated first, then chained."""
-    runs = [(run_label(f"prune-{key}"), key, _dict(facts))
-            for key, facts in _dict(metrics.get("prune")).items()]
-    runs += [(run_label(f"chained-prune-{key}"), key, _dict(facts))
-             for key, facts in _dict(_dict(metrics.get("chained")).get("prune")).items()]
-    return runs
-
-
-def _pruning(metrics: dict) -> dict:
-    reference = _dict(_dict(metrics.get("reference")).get("prune"))
-    isolated = _dict(metrics.get("prune"))
-    plots_ = []
-    for ratio in PRUNE_RATIOS:
-        facts = _dict(isolated.get(ratio))
-        series: dict[str, list[int]] = {}
-        ref = _int_list(facts.get("reference_kept")) or _int_list(_dict(reference.get(ratio)).get("kept_per_layer"))
-        if ref:
-            series["reference"] = ref
-        yours = _int_list(facts.get("student_kept"))
-        if yours:
-            series["yours (cfg_mask)"] = yours
-        elif (from_cfg := _cfg_kept(facts.get("cfg"))):
-            series["yours (saved cfg)"] = from_cfg
-        uri = _data_uri(lambda s=series: plots.kept_channels(s)) if series else None
-        plots_.append({"ratio": ratio, "uri": uri,
-                       "note": "" if len(series) == 2 else
-                       "only the reference is available" if "reference" in series else
-                       "the reference is not available" if series else ""})
-    runs = []
-    for label, ratio, facts in _prune_facts(metrics):
-        differences = [d for d in _list(facts.get("copy_differences")) if isinstance(d, dict)]
-        # The run's own failure first: what it left unwritten follows from it.
-        problems = [f"{name.replace('_', ' ')}: {_text(facts.get(name))}"
-                    for name in ("run_failure", "error", "checkpoint_error", "thin_error")
-                    if facts.get(name)]
-        ref = _int_list(facts.get("reference_kept"))
-        yours = _int_list(facts.get("student_kept"))
-        masks = _mask_verdict(facts, ref, yours)
-        runs.append({
-            "label": label,
-            "ratio": ratio,
-            "reference_kept": ", ".join(map(str, ref)) if ref else NOT_AVAILABLE,
-            "student_kept": ", ".join(map(str, yours)) if yours else NOT_AVAILABLE,
-            "kept_match": masks["match"],
-            "mask_note": masks["note"],
-            "layers_wrong": masks["layers"],
-            "cfg": _text(facts.get("cfg"), CFG_CHARS) if facts.get("cfg") is not None else NOT_AVAILABLE,
-            "claimed_ratio": _fixed(facts.get("claimed_prune_ratio"), 2),
-            "threshold_claimed": _general(facts.get("threshold_claimed")),
-            "threshold_reference": _general(facts.get("threshold_reference")),
-            "size": (f"{_count(facts.get('parameters'))} parameters, {_count(facts.get('macs'))} MACs"
-                     if _number(facts.get("parameters")) is not None else NOT_AVAILABLE),
-            "logits_gap": _general(facts.get("logits_max_diff")),
-            "majority": _fraction(facts.get("majority_fraction")),
-            "mask_strategy": _text(facts.get("mask_strategy"), 100) or NOT_AVAILABLE,
-            "problems": problems,
-            "copy_checked": "copy_differences" in facts,
-            "copy_differences": [{"kind": _text(d.get("kind"), 50),
-                                  "key": _text(d.get("key"), 200),
-                                  "detail": _text(d.get("detail"), DETAIL_CHARS)}
-                                 for d in differences[:COPY_DIFFERENCES]],
-            "copy_hidden": max(0, len(differences) - COPY_DIFFERENCES),
-        })
-    return {"plots": plots_, "runs": runs}
-
-
-def _layer_ranges(layers: list[int]) -> str:
-    """0, 3, 4, 5, 9 -> "0, 3-5, 9" (BN layers numbered as the chart's axis, from 0)."""
-    parts, start = [], None
-    for k, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if k + 1 == len(layers) or layers[k + 1] != layer + 1:
-            parts.append(str(start) if start == layer else f"{start}\u2013{layer}")
-            start = None
-    return ", ".join(parts)
-
-
-def _mask_verdict(facts: dict, ref: list[int] | None, yours: list[int] | None) -> dict:
-    """The masks row, derived from the same per-layer counts the chart draws; which channels
-    were kept (the grader's comparison of the masks themselves) only adds to it."""
-    compared = facts.get("mask_correct") if isinstance(facts.get("mask_correct"), bool) else None
-    channels = _int_list(facts.get("mask_layers_wrong")) or []
-    if not (ref and yours):
-        return {"match": compared, "layers": _layer_ranges(channels), "note": ""}
-    counts = [k for k, (a, b) in enumerate(zip(ref, yours)) if a != b]
-    if len(ref) != len(yours):
-        counts += list(range(min(len(ref), len(yours)), max(len(ref), len(yours))))
-    if counts:
-        note = ("the channels kept follow a rule the grader accepts (a minimum per layer; it "
-                "costs nothing)" if compared else "")
-        return {"match": False, "layers": _layer_ranges(counts), "note": note}
-    if compared is False:
-        return {"match": False, "layers": _layer_ranges(channels),
-                "note": "the same number of channels per layer, but not the same channels"}
-    return {"match": True, "layers": "", "note": ""}
-
-
-def _last_claim(facts: dict) -> float | None:
-    """The last accuracy the notebook printed, else the best_prec1 its checkpoint saved (in %)."""
-    claims = [c for c in _list(facts.get("claimed_accuracies")) if _number(c) is not None]
-    if claims:
-        return _number(claims[-1])
-    best = _number(facts.get("claimed_best_prec1"))
-    # The lab's test() returns a fraction (correct / total), so best_prec1 is usually in [0, 1].
-    return 100.0 * best if best is not None and 0.0 <= best <= 1.0 else best
-
-
-def _accuracy_rows(metrics: dict) -> list[dict]:
-    reference = _dict(metrics.get("reference"))
-    ref_prune = _dict(reference.get("prune"))
-    band = _number(reference.get("accuracy_band_pct"))
-    chained = _dict(metrics.get("chained"))
-    sparsity = _dict(metrics.get("sparsity"))
-
-    def row(label: str, facts: object, ref: object = None, ref_recal: object = None,
-            ref_note: str = "") -> dict:
-        facts = _dict(facts)
-        measured = _number(facts.get("accuracy"))
-        return {"label": label,
-                "claimed": _pct(_last_claim(facts)),
-                "measured": _pct(measured),
-                "recalibrated": _pct(facts.get("accuracy_recalibrated")),
-                "masked": _pct(facts.get("accuracy_masked_original")),
-                "reference": _pct(ref) + ref_note if _number(ref) is not None else NOT_AVAILABLE,
-                "reference_recalibrated": _pct(ref_recal),
-                "error": _text(facts.get("error") or facts.get("checkpoint_error")
-                               or facts.get("thin_error"), 300)}
-
-    finetune_note = f" (yours passes within {band:g} points of it)" if band is not None else ""
-    rows = [row(RUN_WORDS["sparsity"], sparsity.get("lambda"), reference.get("sparsity_accuracy")),
-            row(RUN_WORDS["sparsity-lambda0"], sparsity.get("lambda0"))]
-    prune = _dict(metrics.get("prune"))
-    for key in sorted(prune, key=lambda k: (k not in PRUNE_RATIOS, k)):
-        ref = _dict(ref_prune.get(key))
-        rows.append(row(run_label(f"prune-{key}"), prune[key], ref.get("accuracy_pruned"),
-                        ref.get("accuracy_recalibrated")))
-    rows.append(row(RUN_WORDS["finetune"], metrics.get("finetune"), reference.get("finetune_accuracy"),
-                    ref_note=finetune_note))
-    if chained:
-        lam = _number(chained.get("lambda"))
-        rows.append(row(f"your own pipeline: sparsity training (LAMBDA {lam:g})" if lam is not None
-                        else "your own pipeline: sparsity training", chained.get("sparsity")))
-        for key, facts in _dict(chained.get("prune")).items():
-            rows.append(row(run_label(f"chained-prune-{_text(key, 20)}"), facts))
-        rows.append(row("your own pipeline: fine-tuned", chained.get("finetune")))
-    return rows
 
 
 # ---------------------------------------------------------------- runs, handed-in, environment
@@ -885,23 +712,24 @@ def _accuracy_rows(metrics: dict) -> list[dict]:
 SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def _runs(metrics: dict, out_dir: Path | None) -> list[dict]:
+def _runs(metrics: dict, out_dir: Path | None, report: ReportSection) -> list[dict]:
+    """The runs of the grading (metrics.runs, as the pipeline summarised each run)."""
     rows = []
-    for run_id, raw in _dict(metrics.get("runs")).items():
-        raw = _dict(raw)
-        failure = _dict(raw.get("failure"))
+    for run_id, raw in as_dict(metrics.get("runs")).items():
+        raw = as_dict(raw)
+        failure = as_dict(raw.get("failure"))
         status = ("skipped" if raw.get("skipped") else
                   "failed" if raw.get("failed") or failure else "finished")
         link = ""
         if (out_dir is not None and isinstance(run_id, str) and SAFE_RUN_ID.fullmatch(run_id)
                 and (out_dir / "notebooks" / f"{run_id}.ipynb").is_file()):
             link = f"notebooks/{run_id}.ipynb"  # relative: a local file next to the report
-        rows.append({"id": _text(run_id, 100), "label": run_label(run_id),
-                     "notebook": _text(raw.get("notebook"), 300) or NOT_AVAILABLE,
-                     "duration": _seconds(raw.get("duration_s")),
+        rows.append({"id": text(run_id, 100), "label": report.run_label(run_id),
+                     "notebook": text(raw.get("notebook"), 300) or NOT_AVAILABLE,
+                     "duration": seconds(raw.get("duration_s")),
                      "status": status,
-                     "kind": _text(failure.get("kind"), 50),
-                     "images": len(_list(raw.get("images"))),
+                     "kind": text(failure.get("kind"), 50),
+                     "images": len(as_list(raw.get("images"))),
                      "truncated": bool(raw.get("output_truncated")),
                      "link": link})
     return rows
@@ -909,33 +737,33 @@ def _runs(metrics: dict, out_dir: Path | None) -> list[dict]:
 
 def _handed_in(result: dict) -> list[dict]:
     notebooks = []
-    for name, raw in _dict(result.get("handed_in")).items():
-        raw = _dict(raw)
-        printed = [_text(line, PRINTED_LINE_CHARS) for line in _list(raw.get("printed"))]
+    for name, raw in as_dict(result.get("handed_in")).items():
+        raw = as_dict(raw)
+        printed = [text(line, PRINTED_LINE_CHARS) for line in as_list(raw.get("printed"))]
         hidden = max(0, len(printed) - PRINTED_HEAD - PRINTED_TAIL)
         if hidden:
             printed = (printed[:PRINTED_HEAD] + [f"[... {hidden} line(s) left out ...]"]
                        + printed[-PRINTED_TAIL:])
-        notebooks.append({"name": _text(name, 100), "found": bool(raw.get("found")),
-                          "path": _text(raw.get("path"), 500),
-                          "unreadable": _text(raw.get("unreadable")),
+        notebooks.append({"name": text(name, 100), "found": bool(raw.get("found")),
+                          "path": text(raw.get("path"), 500),
+                          "unreadable": text(raw.get("unreadable")),
                           "printed": "\n".join(printed),
-                          "printed_count": len(_list(raw.get("printed"))),
+                          "printed_count": len(as_list(raw.get("printed"))),
                           "hidden": hidden})
     return notebooks
 
 
 def _environment_rows(result: dict) -> list[tuple[str, str]]:
-    env = _dict(result.get("environment"))
+    env = as_dict(result.get("environment"))
     sandbox = env.get("sandbox")
-    rows = [("slimgrade", _text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE),
-            ("profile", _text(result.get("profile"), 100) or NOT_AVAILABLE),
-            ("python", _text(env.get("python"), 200) or NOT_AVAILABLE),
-            ("torch", _text(env.get("torch"), 200) or NOT_AVAILABLE),
-            ("platform", _text(env.get("platform"), 300) or NOT_AVAILABLE),
-            ("device", _text(env.get("device"), 100) or NOT_AVAILABLE),
+    rows = [("slimgrade", text(result.get("slimgrade_version"), 100) or NOT_AVAILABLE),
+            ("profile", text(result.get("profile"), 100) or NOT_AVAILABLE),
+            ("python", text(env.get("python"), 200) or NOT_AVAILABLE),
+            ("torch", text(env.get("torch"), 200) or NOT_AVAILABLE),
+            ("platform", text(env.get("platform"), 300) or NOT_AVAILABLE),
+            ("device", text(env.get("device"), 100) or NOT_AVAILABLE),
             ("sandbox", NOT_AVAILABLE if sandbox is None else "yes" if sandbox else
              "no (the notebooks ran without the sandbox)")]
     known = {"python", "torch", "platform", "device", "sandbox"}
-    rows += [(_text(k, 100), _text(v, 300)) for k, v in env.items() if k not in known]
+    rows += [(text(k, 100), text(v, 300)) for k, v in env.items() if k not in known]
     return rows

@@ -21,17 +21,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from grader import __version__
-from grader.checkpoints import CHECKPOINT_LIMITS
 from grader.execute import Failure, RunResult, RunSpec, grader_dir
 from grader.untrusted import UntrustedFileError, copy_file, regular_file_problem
 
 RESULT_FILE = "run.json"
 EXECUTED_FILE = "executed.ipynb"  # the executed notebook, which lives outside the work dir
-# A file a run left in its work dir is cached only up to the size of a checkpoint the
-# grader would load at all.
-MAX_CACHED_FILE_BYTES = CHECKPOINT_LIMITS.max_file_bytes
 # Failures that depend on how busy the machine was, not only on the run's inputs.
 LOAD_DEPENDENT = {"timeout", "out-of-memory", "kernel-died"}
+
+
+def _file_limit(spec: RunSpec) -> int:
+    """A file a run left in its work dir is cached only up to the size the kernel could
+    write (its RLIMIT_FSIZE)."""
+    return spec.profile.file_limit_mb * 1024 * 1024
 
 
 def _file_digest(path: Path) -> str:
@@ -55,6 +57,7 @@ class RunCache:
             "parameters": spec.parameters, "scale": spec.scale, "inputs": inputs,
             "profile": spec.profile.fingerprint(), "device": spec.device,
             "expected": spec.expected_artifacts, "sandboxed": sandboxed,
+            "kernel": [spec.kernel.runtime, spec.kernel.config],
         }, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -87,7 +90,7 @@ class RunCache:
             for name in names:
                 relative = Path(root, name).relative_to(files)
                 (spec.work_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                copy_file(files / relative, spec.work_dir / relative, MAX_CACHED_FILE_BYTES, files)
+                copy_file(files / relative, spec.work_dir / relative, _file_limit(spec), files)
         executed = grader_dir(spec.work_dir) / record["executed_name"]
         if (entry / EXECUTED_FILE).is_file():
             shutil.copyfile(entry / EXECUTED_FILE, executed)
@@ -132,7 +135,7 @@ class RunCache:
         for relative in sorted(set(names) | set(artifacts.values())):
             (files / relative).parent.mkdir(parents=True, exist_ok=True)
             try:
-                copy_file(work_dir / relative, files / relative, MAX_CACHED_FILE_BYTES, work_dir)
+                copy_file(work_dir / relative, files / relative, _file_limit(spec), work_dir)
             except UntrustedFileError:
                 return False
         if result.executed_notebook.is_file():

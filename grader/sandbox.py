@@ -2,10 +2,10 @@
 
 Inside the sandbox the kernel sees, read-only: the system (/usr, /bin, /lib*, /etc),
 the Python installation (``sys.base_prefix`` and ``sys.prefix``), the data root and,
-of this repository, only what ``KERNEL_SEES`` lists (the runtime shims and the trusted
-model and data modules), each package folder an empty read-only tmpfs around them:
-the trusted training, pruning, bundle and evaluation code is not there, so importing
-it fails. Read-write: its own work dir (and the folder of its ZMQ sockets). It gets
+of this repository, only what ``KERNEL_SEES`` and the lab (``KernelSetup.sees``) list
+(the runtime shims, and e.g. a lab's trusted model and data modules), each package
+folder an empty read-only tmpfs around them: the trusted training, pruning, bundle and
+evaluation code is not there, so importing it fails. Read-write: its own work dir (and the folder of its ZMQ sockets). It gets
 fresh /proc, /dev, a size-capped private /tmp and /dev/shm, no network (its own empty
 network namespace, so the client talks to it over ipc sockets in a shared folder), its
 own pid namespace and session, and dies with the grader. Everything else is simply
@@ -50,7 +50,6 @@ import psutil
 from jupyter_client.manager import AsyncKernelManager
 
 import grader
-import reference
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,13 @@ LEASE_DIRS = (Path("/run/slimgrade/ids"), Path("/var/lock/slimgrade-ids"))
 # DataLoader workers stays under 60, a fork bomb does not. Per kernel when the grader is
 # root (each kernel has its own uid); otherwise shared by the grader's user.
 MAX_PROCESSES = 1024
-# What of the repository the kernel sees, read-only, and why. Nothing else of the
-# ``grader`` and ``reference`` packages is there: not the trusted training, pruning and
-# bundle code (the solution of every blank), nor the evaluation, so importing them fails.
+# What of the harness the kernel sees, read-only, and why; a lab adds its own
+# (``KernelSetup.sees``). Nothing else of the packages is there: not a lab's trusted
+# training and reference code (the solution of every blank), nor the evaluation, so
+# importing them fails.
 KERNEL_SEES = (
-    ("grader", "__init__.py", "the package that holds the runtime"),
-    ("grader", "runtime", "the shims injected into every kernel, and this sandbox's launcher"),
-    ("reference", "__init__.py", "the package that holds the two modules below"),
-    ("reference", "model.py", "the trusted VGG: the models/vgg.py the executor writes imports it"),
-    ("reference", "data.py", "the profile's images, which the runtime serves as CIFAR10"),
+    ("__init__.py", "the package that holds the runtime"),
+    ("runtime", "the shims injected into every kernel, and this sandbox's launcher"),
 )
 TMP_BYTES = 512 * 1024 * 1024
 SHM_BYTES = 1024 * 1024 * 1024
@@ -100,6 +97,7 @@ class KernelPlace:
     sandboxed: bool = True
     user: tuple[int, int] | None = None  # (uid, gid) the kernel drops to; None: the grader's
     max_file_bytes: int | None = None  # RLIMIT_FSIZE: no file the kernel writes grows past it
+    sees: tuple[Path, ...] = ()  # the lab's files the kernel sees (``KernelSetup.sees``)
 
 
 def bwrap_path() -> str | None:
@@ -249,15 +247,23 @@ def hand_over(folder: Path, user: tuple[int, int] | None) -> None:
                 continue
 
 
-def package_dirs() -> list[Path]:
-    """The folders of the packages the kernel imports from (only ``kernel_files`` of them)."""
-    return [Path(grader.__file__).resolve().parent, Path(reference.__file__).resolve().parent]
+def package_dirs(sees: tuple[Path, ...] = ()) -> list[Path]:
+    """The folders of the packages the kernel imports from (only ``kernel_files`` of them):
+    the harness's and the top-level package of each file a lab shows."""
+    folders = [Path(grader.__file__).resolve().parent]
+    for path in sees:
+        top = path.resolve().parent
+        while (top.parent / "__init__.py").is_file():
+            top = top.parent
+        if top not in folders:
+            folders.append(top)
+    return folders
 
 
-def kernel_files() -> list[Path]:
-    """The files and folders of ``KERNEL_SEES``, where this grader's packages are."""
-    folders = {folder.name: folder for folder in package_dirs()}
-    return [folders[package] / relative for package, relative, _ in KERNEL_SEES]
+def kernel_files(sees: tuple[Path, ...] = ()) -> list[Path]:
+    """The files and folders of ``KERNEL_SEES``, and the lab's."""
+    harness = Path(grader.__file__).resolve().parent
+    return [*(harness / relative for relative, _ in KERNEL_SEES), *(p.resolve() for p in sees)]
 
 
 def tmpfs_mounts() -> dict[str, int]:
@@ -286,11 +292,11 @@ def bwrap_command(place: KernelPlace, command: list[str]) -> list[str]:
     # Each package folder is an empty read-only tmpfs holding only what KERNEL_SEES names;
     # it hides the rest of the package even when it lies in a bound python root (a
     # non-editable install has it in site-packages).
-    for folder in package_dirs():
+    for folder in package_dirs(place.sees):
         binds.mask(folder)
-    for path in kernel_files():
+    for path in kernel_files(place.sees):
         binds.add("--ro-bind", path)
-    for folder in package_dirs():
+    for folder in package_dirs(place.sees):
         args += ["--remount-ro", str(folder)]
     if place.device.startswith("cuda"):
         for device in sorted(Path("/dev").glob("nvidia*")):
@@ -325,6 +331,7 @@ class _Binds:
         self.args = args
         self.host_folders = [Path("/usr"), Path("/etc")]  # already there, from the host
         self.created: set[Path] = {Path("/"), Path("/tmp"), Path("/dev"), Path("/proc")}
+        self.masked: list[Path] = []  # empty tmpfs mounts: a folder inside one must be made
 
     def add(self, kind: str, path: Path) -> None:
         self._parents(path)
@@ -333,7 +340,8 @@ class _Binds:
 
     def _parents(self, path: Path) -> None:
         for parent in reversed(path.parents):
-            if parent in self.created or any(_inside(parent, f) for f in self.host_folders):
+            if parent in self.created or (any(_inside(parent, f) for f in self.host_folders)
+                                          and not any(_inside(parent, m) for m in self.masked)):
                 continue
             self.args += ["--perms", "0755", "--dir", str(parent)]
             self.created.add(parent)
@@ -343,6 +351,7 @@ class _Binds:
         self._parents(folder)
         self.args += ["--perms", "0755", "--tmpfs", str(folder)]
         self.created.add(folder)
+        self.masked.append(folder)
 
 
 def _isolation_flags() -> list[str]:

@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-from grader.checkpoints import CHECKPOINT_LIMITS
 from grader.execute import Failure, RunResult, RunSpec, executed_notebook_path, run_notebook
+from grader.lab import KernelSetup, Profile
 from grader.prepare import Submission
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
 from grader.untrusted import UntrustedFileError, copy_file
-from reference.profiles import Profile
 
 Execute = Callable[..., "RunResult | None"]  # (spec, admit=None), as grader.execute.run_notebook
 
@@ -56,6 +55,9 @@ class PlannedRun:
     # artifact, e.g. {"model_best.pth": ("ckpt/model_best.pth.tar",)}.
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cost: float = 1.0  # relative duration (epochs), to run long chains first
+    # The notebook file executed, when a lab runs a copy it derived from the hand-in's
+    # (cells and their numbers kept); None: the hand-in's own ``notebook``.
+    source: Path | None = None
 
 
 def visible_gpus() -> list[str]:
@@ -106,28 +108,32 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
                 data_root: Path | None, device: str, workers: int,
                 on_done: Callable[[str], None] | None = None, cache: RunCache | None = None,
                 execute: Execute = run_notebook, threads: int | None = None,
-                ahead: int | None = None) -> dict[str, RunResult | None]:
+                ahead: int | None = None, kernel: KernelSetup | None = None
+                ) -> dict[str, RunResult | None]:
     """Every planned run whose notebook exists and whose inputs were produced, ``workers`` at
     a time, each kernel with ``threads`` torch threads (default: the cores shared out).
 
     Kernels start ahead in idle slots and, beyond ``workers``, up to ``ahead`` more
     (default: ``workers`` on a GPU, none on the CPU); never with a ``cache``.
     The result holds every planned run, in plan order; None for a run that did not run.
+    ``kernel`` is the lab's runtime for every kernel (None: the harness's shims only).
     """
     threads = threads or max(1, (os.cpu_count() or 2) // workers)
     if ahead is None:
         ahead = workers if device.startswith("cuda") else 0
     gpus = visible_gpus() if device == "cuda" else []
     return _Schedule(plan, submission, work_root, profile, data_root, device, workers, on_done,
-                     cache, execute, threads, ahead, gpus if len(gpus) > 1 else []).run()
+                     cache, execute, threads, ahead, gpus if len(gpus) > 1 else [],
+                     kernel or KernelSetup("grader.runtime")).run()
 
 
 class _Schedule:
     def __init__(self, plan: list[PlannedRun], submission: Submission, work_root: Path,
                  profile: Profile, data_root: Path | None, device: str, workers: int,
                  on_done: Callable[[str], None] | None, cache: RunCache | None,
-                 execute: Execute, threads: int, ahead: int, gpus: list[str]) -> None:
-        self.plan, self.submission, self.work_root = plan, submission, work_root
+                 execute: Execute, threads: int, ahead: int, gpus: list[str],
+                 kernel: KernelSetup) -> None:
+        self.plan, self.submission, self.work_root, self.kernel = plan, submission, work_root, kernel
         self.profile, self.data_root, self.device = profile, data_root, device
         self.workers, self.threads, self.gpus = workers, threads, gpus
         self.most_kernels = workers + ahead  # kernels alive at once, those started ahead included
@@ -240,11 +246,13 @@ class _Schedule:
         work_dir = self.work_root / run.run_id
         work_dir.mkdir(parents=True, exist_ok=True)
         spec = RunSpec(
-            run_id=run.run_id, notebook=self.submission.notebooks[run.notebook], work_dir=work_dir,
+            run_id=run.run_id, notebook=run.source or self.submission.notebooks[run.notebook],
+            work_dir=work_dir,
             parameters=run.parameters, scale=run.scale, profile=self.profile,
             data_root=self.data_root, device=self.device, threads=self.threads,
             expected_artifacts=list(run.expected),
-            artifact_aliases={k: list(v) for k, v in run.aliases.items()}, visible_gpu=gpu)
+            artifact_aliases={k: list(v) for k, v in run.aliases.items()}, visible_gpu=gpu,
+            kernel=self.kernel)
 
         refused: list[str] = []
 
@@ -259,7 +267,7 @@ class _Schedule:
                 (work_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     copy_file(self._source(source), work_dir / name,
-                              CHECKPOINT_LIMITS.max_file_bytes, producer)
+                              self.profile.file_limit_mb * 1024 * 1024, producer)
                 except UntrustedFileError as error:
                     refused.append(str(error))
                     return False

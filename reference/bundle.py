@@ -13,8 +13,8 @@ Layout of a bundle folder::
 A bundle is identified by its content hash, and a grading never trains one: the quick
 profile's bundle ships with the package (``reference/bundles/quick/``), any other is built
 once with ``slimgrade reference --profile P --out DIR`` and given as ``--bundle DIR`` (or a
-.tar.gz/.zip archive of that folder). ``reference.store.resolve_bundle`` finds, checks and
-names it.
+.tar.gz/.zip archive of that folder). ``grader.bundles.resolve_bundle`` finds, checks and
+names it; the slimming lab writes its BUNDLE-HASH after ``build_bundle``.
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from reference.metrics import checkpoint_bytes, gamma_stats, model_summary
 from reference.model import vgg
 from reference.profiles import Profile
 from reference.prune import all_gammas, compute_masks, prune
-from reference.store import MANIFEST, write_bundle_hash
 from reference.train import (accuracy, predict, recalibrate_bn, seed_everything, select_device,
                              train)
 
+MANIFEST = "manifest.json"
 SPARSE_LAMBDA0 = "sparse_lambda0.pth"
 SPARSE = "sparse.pth"
 FINETUNE = "finetune.pth"
@@ -43,6 +43,10 @@ FINETUNE = "finetune.pth"
 
 def prune_file(ratio: float) -> str:
     return f"prune_{ratio}.pth"
+
+
+def load_manifest(bundle_dir: str | Path) -> dict:
+    return json.loads((Path(bundle_dir) / MANIFEST).read_text())
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -148,7 +152,6 @@ def build_bundle(profile: Profile, out_dir: str | Path, data_root: str | Path | 
     from reference.plots import save_bundle_plots
     save_bundle_plots(manifest, out)
     _write_json_atomically(out / MANIFEST, manifest)
-    write_bundle_hash(out)
     return manifest
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from reference.model import scaled_cfg
 from reference.profiles import NOT_IN_BUNDLE
-from reference.store import load_manifest
+from reference.bundle import load_manifest
 
 # Tolerances (docs/design.md, "Bundles"). Measured: the quick bundle rebuilt five ways on one
 # machine (one thread instead of two; oneDNN limited to AVX2, with one thread and with two;

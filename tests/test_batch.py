@@ -32,7 +32,7 @@ from grader.prepare import PrepareError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-RUBRIC = json.loads((ROOT / "grader" / "rubric.json").read_text())
+RUBRIC = json.loads((ROOT / "labs" / "slimming" / "rubric.json").read_text())
 AUTOMATIC = [item for item in RUBRIC["items"] if not item.get("manual")]
 MANUAL = [item for item in RUBRIC["items"] if item.get("manual")]
 AUTOMATIC_MAX = sum(item["points"] for item in AUTOMATIC)
@@ -43,7 +43,7 @@ HOSTILE_MESSAGE = '<script>alert("pwned")</script> & "quoted" <b onmouseover=x>'
 
 def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, workers=2,
                rubric_path=None, cache_root=None, keep_work=False, on_progress=None,
-               run_cache=None, threads=None, bundle=None) -> dict:
+               run_cache=None, threads=None, bundle=None, lab=None) -> dict:
     """Writes a plausible result.json, report.html and notebooks/ in a blink.
 
     A submission named ``broken*`` raises PrepareError (no notebooks), ``crash*``
@@ -98,8 +98,8 @@ def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, w
 FAKE_BUNDLE_HASH = "ab" * 32
 
 
-def fake_reference(profile, cache_root, data_root, device, bundle=None):
-    from reference.store import Bundle
+def fake_reference(profile, cache_root, data_root, device, bundle=None, lab=None):
+    from grader.bundles import Bundle
 
     return Bundle(Path("/nonexistent-bundle"), FAKE_BUNDLE_HASH, "quick", "shipped")
 
@@ -441,7 +441,7 @@ def test_a_grading_past_its_deadline_is_a_timeout_and_the_batch_goes_on(tmp_path
     root = make_class(tmp_path / "class", ["a", "b", "c"])
     out = tmp_path / "out"
     monkeypatch.setenv("SLIMGRADE_FAKE_HANG", "b")  # b blocks until it is stopped
-    monkeypatch.setattr(batch, "grading_deadline_s", lambda profile, workers: 3.0)
+    monkeypatch.setattr(batch, "grading_deadline_s", lambda profile, workers, lab=None: 3.0)
     rows = batch.grade_class(root, out, quick_profile(), workers=1)
     assert [row["student_id"] for row in rows] == ["a", "b", "c"]
     assert [row["failures"] for row in rows] == ["", "submission:timeout", ""]
@@ -518,7 +518,8 @@ def test_real_batch_on_fixtures(tmp_path, run_cache):
         assert low <= row["total"] <= high, row
         assert (out / row["report"]).is_file()
     assert len(read_gradebook(out)[1]) == len(sources)
-    from reference.store import recorded_hash, shipped_bundle_dir
+    from grader.bundles import recorded_hash
+    from labs.slimming.lab import shipped_bundle_dir
     assert {row["bundle"] for row in rows} == {recorded_hash(shipped_bundle_dir("quick"))}
     # The forged result.json / report.html stayed inside the student's own work dir.
     assert json.loads((out / "forges-result" / "result.json").read_text())["submission"] == "forges-result"

@@ -15,9 +15,11 @@ from grader import cli
 from reference.drift import (LAYER_MIN, LAYER_SHARE, MASK_CHANCE, compare_bundles, compare_manifests,
                              drift_table, within_tolerance)
 from reference.profiles import FULL, QUICK
-from reference.store import (BUNDLE_HASH, MANIFEST, SHIPPED, BundleError, content_hash,
-                             recorded_hash, resolve_bundle, shipped_bundle_dir, unpack_bundle,
-                             write_bundle_hash)
+from grader.bundles import (BUNDLE_HASH, MANIFEST, SHIPPED, BundleError, content_hash,
+                            recorded_hash, unpack_bundle, write_bundle_hash)
+from labs.slimming.lab import LAB, shipped_bundle_dir
+
+resolve_bundle = LAB.resolve_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_QUICK = shipped_bundle_dir(QUICK.name)

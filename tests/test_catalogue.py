@@ -4,19 +4,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from grader.diagnose import CATALOGUE, diagnose
-from grader.score import CHECKS, load_rubric, score
+from grader.score import load_rubric, score
+from labs.slimming.checks import CHECKS, RUBRIC
+from labs.slimming.diagnoses import CATALOGUE, diagnose
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "diagnoses.md"
 
 
 def test_every_diagnosis_id_is_documented_and_every_documented_id_exists():
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", DOCS.read_text(), flags=re.M))
-    assert documented == {entry.id for entry in CATALOGUE}
+    assert documented == {entry.id for entry in CATALOGUE.entries}
 
 
 def test_every_automatic_rubric_item_has_a_check():
-    rubric = load_rubric()
+    rubric = load_rubric(RUBRIC)
     automatic = {item["id"] for item in rubric["items"] if not item.get("manual")}
     assert automatic == set(CHECKS)
 
@@ -71,7 +72,7 @@ def test_train_mode_moves_statistics_without_calling_it_a_copy_bug():
 
 def test_the_solution_shape_scores_full_marks_on_the_pruning_checks():
     evaluation = evaluation_with({k: prune_facts() for k in ("0.5", "0.9", "edge")})
-    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric(RUBRIC), CHECKS)
     by_id = {c.id: c for c in checks}
     for check_id in ("blank-kept-indices", "blank-copy-bn-affine", "blank-copy-bn-stats",
                      "blank-copy-linear-weight", "blank-copy-linear-bias", "prune-0.5", "prune-0.9"):
@@ -83,7 +84,7 @@ def test_a_failed_run_costs_only_its_checks():
     evaluation["runs"]["finetune"]["failure"] = {"message": "train_prune_model.ipynb: cell 4 ran out of memory.",
                                                  "kind": "out-of-memory"}
     evaluation["runs"]["finetune"]["usable"] = False
-    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+    checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric(RUBRIC), CHECKS)
     by_id = {c.id: c for c in checks}
     assert by_id["finetune"].status == "error" and "out of memory" in by_id["finetune"].message
     assert by_id["prune-0.9"].status == "pass"
@@ -91,7 +92,7 @@ def test_a_failed_run_costs_only_its_checks():
 
 def test_the_gamma_plot_is_automatic_only_for_a_histogram_of_every_channel():
     def gamma_plot(evaluation):
-        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric(RUBRIC), CHECKS)
         return next(c for c in checks if c.id == "gamma-plot")
 
     evaluation = evaluation_with({})
@@ -120,7 +121,7 @@ def test_an_updatebn_that_fails_the_probe_loses_the_blank_even_with_sparse_gamma
         "max_diff_to_baseline": 0.4, "conv_small_fraction": 0.0, "baseline_conv_small_fraction": 0.0}
 
     def update_bn(evaluation):
-        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric())
+        checks, _, _ = score(evaluation, diagnose(evaluation), load_rubric(RUBRIC), CHECKS)
         return next(c for c in checks if c.id == "blank-updateBN")
 
     assert update_bn(evaluation).status == "pass"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import grader.checkpoints as checkpoints
-from grader.checkpoints import (CHECKPOINT_LIMITS, CheckpointError, check_layout,
+import labs.slimming.checkpoints as checkpoints
+from labs.slimming.checkpoints import (CHECKPOINT_LIMITS, CheckpointError, check_layout,
                                 load_student_checkpoint, model_from_state, state_dict_of)
-from grader.evaluate import TrustedData, copied_from, finetune_facts, safely, sparsity_facts
+from labs.slimming.evaluate import TrustedData, copied_from, finetune_facts, safely, sparsity_facts
 from grader.untrusted import UntrustedFileError, load_checkpoint_bytes
 from reference.model import cfg_from_state_dict, layout_problem, scaled_cfg, vgg
 from reference.profiles import QUICK
@@ -70,7 +70,7 @@ def test_a_huge_width_checkpoint_is_refused_before_a_model_is_built(tmp_path, no
 
 
 def test_the_chained_original_is_checked_too(tmp_path, no_model_built):
-    from grader.pipeline import _own_state
+    from labs.slimming.grading import _own_state
 
     assert _own_state(save(tmp_path / "model_best.pth", wide_state()), WIDEST) is None
 
@@ -135,7 +135,7 @@ def test_any_exception_of_a_step_becomes_one_sentence_and_a_debug_traceback(capl
     def step() -> dict:  # what a sparse tensor did to torch.equal in copied_from
         return {"copied_from": copied_from({"a": sparse}, {"ref": {"a": sparse.clone()}})}
 
-    with caplog.at_level(logging.DEBUG, logger="grader.evaluate"):
+    with caplog.at_level(logging.DEBUG, logger="labs.slimming.evaluate"):
         facts = safely(step, "model_best.pth of the sparsity run")
     assert set(facts) == {"error"}
     assert facts["error"].startswith("model_best.pth of the sparsity run could not be evaluated "

@@ -18,10 +18,11 @@ import pytest
 
 from grader import cli
 from grader.prepare import several_submissions
+from labs.slimming.lab import NOTEBOOKS
 from grader.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
-RUBRIC = ROOT / "grader" / "rubric.json"
+RUBRIC = ROOT / "labs" / "slimming" / "rubric.json"
 LAB = ("sparsity_train", "vggprune", "train_prune_model")
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", re.MULTILINE)
 
@@ -212,18 +213,18 @@ def test_one_hand_in_in_sub_folders_is_not_a_class(tmp_path):
     lab_folder(split / "part1", ["sparsity_train"])
     lab_folder(split / "part2", ["vggprune"])
     lab_folder(split / "part3", ["train_prune_model"])
-    assert several_submissions(split) == []
+    assert several_submissions(split, NOTEBOOKS) == []
     nested = tmp_path / "eve"
     lab_folder(nested / "Colab Notebooks" / "lab4")
     (nested / "models").mkdir()
-    assert several_submissions(nested) == []
+    assert several_submissions(nested, NOTEBOOKS) == []
     flat = lab_folder(tmp_path / "flat")
     lab_folder(flat / "old_copy")  # notebooks at the top level: that is the hand-in
-    assert several_submissions(flat) == []
+    assert several_submissions(flat, NOTEBOOKS) == []
     two = tmp_path / "two"
     lab_folder(two / "v1", ["vggprune"])
     lab_folder(two / "v2", ["vggprune"])
-    assert several_submissions(two) == ["v1", "v2"]
+    assert several_submissions(two, NOTEBOOKS) == ["v1", "v2"]
 
 
 def test_batch_on_an_empty_folder_says_so(tmp_path, capsys, no_grading):

@@ -38,10 +38,11 @@ pytest.importorskip("dask_jobqueue")
 from grader import batch, cli, cluster  # noqa: E402
 from grader.prepare import PrepareError  # noqa: E402
 from reference.profiles import get_profile  # noqa: E402
-from reference.store import BundleError, recorded_hash, resolve_bundle, shipped_bundle_dir  # noqa: E402
+from grader.bundles import BundleError, recorded_hash  # noqa: E402
+from labs.slimming.lab import LAB as SLIMMING, shipped_bundle_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RUBRIC = json.loads((ROOT / "grader" / "rubric.json").read_text())
+RUBRIC = json.loads((ROOT / "labs" / "slimming" / "rubric.json").read_text())
 AUTOMATIC_MAX = sum(item["points"] for item in RUBRIC["items"] if not item.get("manual"))
 SHIPPED_HASH = recorded_hash(shipped_bundle_dir("quick"))
 LAB = ("sparsity_train", "vggprune", "train_prune_model")
@@ -51,7 +52,7 @@ LAB = ("sparsity_train", "vggprune", "train_prune_model")
 
 def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, workers=2,
                rubric_path=None, cache_root=None, keep_work=False, on_progress=None,
-               run_cache=None, threads=None, bundle=None) -> dict:
+               run_cache=None, threads=None, bundle=None, lab=None) -> dict:
     """A plausible result.json, report.html and notebooks/ in a blink; see the module's doc."""
     submission_path, out_dir = Path(submission_path), Path(out_dir)
     name = submission_path.name.removesuffix(".zip")
@@ -78,7 +79,7 @@ def fake_grade(submission_path, out_dir, profile, data_root=None, device=None, w
         raise PrepareError(f"{submission_path} holds none of the lab's notebooks: check the folder.")
     if name.startswith("crash"):
         os.kill(os.getpid(), signal.SIGKILL)
-    resolve_bundle(profile, bundle)  # the worker's copy of the bundle, checked by its hash
+    SLIMMING.resolve_bundle(profile, bundle)  # the worker's copy of the bundle, checked by its hash
     checks = [{"id": item["id"], "stage": item["stage"], "title": item["title"],
                "status": "skip" if item.get("manual") else "pass",
                "points": 0.0 if item.get("manual") else float(item["points"]),
@@ -389,7 +390,7 @@ def test_a_hand_in_folder_travels_as_the_grading_would_copy_it(tmp_path):
     (hand_in / "model_best.pth").write_bytes(b"checkpoint")  # never copied by prepare
     (hand_in / "link.ipynb").symlink_to("/etc/passwd")
     os.mkfifo(hand_in / "pipe")
-    is_folder, payload = cluster.hand_in_bytes(hand_in)
+    is_folder, payload = cluster.hand_in_bytes(hand_in, SLIMMING.hand_in_skips)
     assert is_folder
     with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
         names = sorted(member.name for member in tar)
@@ -419,18 +420,20 @@ def test_a_bundle_that_does_not_match_its_hash_is_refused_on_the_worker(tmp_path
 
 
 def test_the_data_root_travels_checked_by_its_hash(tmp_path):
-    from reference.store import content_hash
+    from grader.bundles import content_hash
 
-    cifar = tmp_path / "data" / cluster.CIFAR_FOLDER
+    from reference.data import CIFAR_FOLDER
+
+    cifar = tmp_path / "data" / CIFAR_FOLDER
     cifar.mkdir(parents=True)
     for name in ("data_batch_1", "test_batch"):
         (cifar / name).write_bytes(name.encode() * 100)
     digest = content_hash(cifar)
-    archive = cluster.pack_tree(cifar, cluster.CIFAR_FOLDER)
-    placed = cluster.place_data(archive, digest, tmp_path / "cache")
-    assert (placed / cluster.CIFAR_FOLDER / "test_batch").read_bytes() == b"test_batch" * 100
+    archive = cluster.pack_tree(cifar, CIFAR_FOLDER)
+    placed = cluster.place_data(archive, digest, tmp_path / "cache", CIFAR_FOLDER)
+    assert (placed / CIFAR_FOLDER / "test_batch").read_bytes() == b"test_batch" * 100
     with pytest.raises(ValueError, match="hashes to"):
-        cluster.place_data(archive, "0" * 64, tmp_path / "cache")
+        cluster.place_data(archive, "0" * 64, tmp_path / "cache", CIFAR_FOLDER)
 
 
 def test_a_result_archive_cannot_write_outside_its_folder(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from grader.pipeline import grade
 from reference.profiles import QUICK
-from reference.store import SHIPPED, recorded_hash, shipped_bundle_dir
+from grader.bundles import SHIPPED, recorded_hash
+from labs.slimming.lab import shipped_bundle_dir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # The host file the hostile-work-dir fixtures link to (make_fixtures.WORK_DIR_DECOY), and the

@@ -18,11 +18,13 @@ import torch
 
 import grader.execute as execute
 import grader.runtime as runtime
+import labs.slimming.runtime as slimming_runtime
 from grader import sandbox
 from grader.execute import (INJECTED_TAG, STATE_FILE, OutputCappedClient, RunResult, RunSpec,
                             assigned_names, parameters_source, plan_notebook, read_notebook,
                             with_overrides,
                             run_notebook, work_dir_usage)
+from labs.slimming.kernel import KNOWN_PARAMETERS, kernel_setup
 from reference.model import scaled_cfg
 from reference.profiles import QUICK
 
@@ -44,7 +46,8 @@ def write_notebook(path: Path, cells: list[str | tuple[str, list[str]]]) -> Path
 def run(tmp_path: Path, cells: list, profile=PROFILE, admit=None, **kwargs) -> RunResult | None:
     notebook = write_notebook(tmp_path / "lab.ipynb", cells)
     spec = RunSpec(run_id="test", notebook=notebook, work_dir=tmp_path / "work",
-                   parameters=kwargs.pop("parameters", {}), profile=profile, **kwargs)
+                   parameters=kwargs.pop("parameters", {}), profile=profile,
+                   kernel=kernel_setup(profile), **kwargs)
     return run_notebook(spec, admit)
 
 
@@ -91,7 +94,8 @@ def test_plan_injects_after_tagged_cell_only(tmp_path):
         "import torch", ("LAMBDA = 1e-4", ["parameters"]), "EPOCHS = 60", "print(EPOCHS)"])
     student = read_notebook(notebook)
     student.cells[3].outputs = [nbformat.v4.new_output("stream", name="stdout", text="old\n")]
-    plan = plan_notebook(student, "INSTALL", "DUMP", {"EPOCHS": 3}, {"LAMBDA": 10.0})
+    plan = plan_notebook(student, "INSTALL", "DUMP", {"EPOCHS": 3}, {"LAMBDA": 10.0},
+                         KNOWN_PARAMETERS)
     sources = [cell.source for cell in plan.nb.cells]
     assert sources[0] == "INSTALL" and sources[-1] == "DUMP"
     assert plan.origin == [None, 0, 1, None, 2, 3, None]
@@ -104,7 +108,8 @@ def test_plan_injects_after_tagged_cell_only(tmp_path):
 def test_plan_injects_after_every_assigning_cell_and_scales_only_there(tmp_path):
     notebook = write_notebook(tmp_path / "nb.ipynb", [
         "LAMBDA = 1e-4\nEPOCHS = 60", "x = 1", "EPOCHS = 100", "y = 2"])
-    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {"LAMBDA": 10.0})
+    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {"LAMBDA": 10.0},
+                         KNOWN_PARAMETERS)
     assert plan.origin == [None, 0, None, 1, 2, None, 3, None]
     assert "LAMBDA * 10.0" in plan.nb.cells[1].source  # right after the statement binding it
     assert "LAMBDA" not in plan.nb.cells[2].source + plan.nb.cells[5].source  # scaled once
@@ -113,7 +118,7 @@ def test_plan_injects_after_every_assigning_cell_and_scales_only_there(tmp_path)
 
 def test_plan_without_any_assignment_defines_parameters_up_front(tmp_path):
     notebook = write_notebook(tmp_path / "nb.ipynb", ["print(1)"])
-    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {})
+    plan = plan_notebook(read_notebook(notebook), "I", "D", {"EPOCHS": 3}, {}, KNOWN_PARAMETERS)
     assert plan.origin == [None, None, 0, None]
     assert "EPOCHS = 3" in plan.nb.cells[1].source
 
@@ -242,7 +247,7 @@ def test_dump_state_converts_to_plain_json_and_skips_the_rest(tmp_path):
         "history": [{"epoch": 0, "prec1": torch.tensor(0.5)}], "PRUNE_PERCENT": float("nan"),
         "WEIGHT_PATH": Path("model_best.pth"), "model": torch.nn.Linear(2, 2),
     }
-    runtime.dump_state(namespace, str(state_file))
+    slimming_runtime.dump_state(namespace, str(state_file))
     state = json.loads(state_file.read_text())
     assert state["LAMBDA"] == 0.5 and state["EPOCHS"] == 3 and isinstance(state["EPOCHS"], int)
     assert state["threshold"] == 0.25
@@ -260,7 +265,7 @@ def test_dump_state_never_raises(tmp_path, capsys):
 
 
 def test_drive_paths_map_to_the_work_dir_by_basename(monkeypatch, tmp_path):
-    monkeypatch.setitem(runtime._settings, "work_dir", str(tmp_path))
+    monkeypatch.setitem(runtime.settings, "work_dir", str(tmp_path))
     assert runtime.drive_path("/content/drive/MyDrive/lab4/model_best.pth") == \
         str(tmp_path / "model_best.pth")
     assert runtime.drive_path(Path("/content/x.pth")) == str(tmp_path / "x.pth")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from grader.evaluate import (balanced_prune_state, copy_differences, disguised_state,
+from labs.slimming.evaluate import (balanced_prune_state, copy_differences, disguised_state,
                              edge_case_state,
                              mask_strategies, matching_strategy, inverted_by_evidence)
 from grader.execute import Failure, RunResult, RunSpec, run_notebook
-from grader.pipeline import excused_runs, own_paths, profile_parameters, split_failures
+from grader.pipeline import split_failures
+from labs.slimming.kernel import kernel_setup
+from labs.slimming.grading import excused_runs, own_paths, profile_parameters
 from reference.model import bn_layers, vgg
 from reference.profiles import QUICK
 from reference.prune import compute_masks, global_threshold, prune
@@ -162,7 +164,8 @@ def test_cells_run_past_an_error_and_a_hard_coded_budget_is_the_profiles_doing(t
     spec = RunSpec(run_id="t", notebook=notebook, work_dir=tmp_path / "work",
                    parameters={"EPOCHS": 3}, profile=replace(QUICK, run_timeout_s=120),
                    expected_artifacts=["model_best.pth"],
-                   artifact_aliases={"model_best.pth": ["best_model.pth"]})
+                   artifact_aliases={"model_best.pth": ["best_model.pth"]},
+                   kernel=kernel_setup(QUICK))
     result = run_notebook(spec)
     assert result.failure is None and len(result.errors) == 1
     assert "EPOCHS" in result.errors[0].profile_cause and result.errors[0].cell_index == 2
@@ -173,7 +176,7 @@ def test_cells_run_past_an_error_and_a_hard_coded_budget_is_the_profiles_doing(t
 def test_update_bn_probe_tells_the_l1_step_from_its_mistakes():
     from torch import nn
 
-    from grader.runtime import probe_update_bn
+    from labs.slimming.runtime import probe_update_bn
 
     def notebook(body: str) -> dict:
         namespace = {"torch": torch, "nn": nn, "LAMBDA": 5e-3, "model": "the notebook's model"}

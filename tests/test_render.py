@@ -11,6 +11,7 @@ import pytest
 
 from grader.render import (gradescope_results, render, report_html, report_view, write_report,
                            write_result)
+from labs.slimming.report import REPORT, section_view
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 CHROMIUM = "/usr/bin/chromium"
@@ -114,7 +115,7 @@ def hostile_result() -> dict:
 
 def test_full_result_renders_and_round_trips(tmp_path: Path) -> None:
     result = full_result()
-    result_path, report_path = render(result, tmp_path)
+    result_path, report_path = render(result, tmp_path, REPORT)
     assert result_path == tmp_path / "result.json" and report_path == tmp_path / "report.html"
     assert json.loads(result_path.read_text()) == result
     assert not [p for p in tmp_path.iterdir() if p.name not in ("result.json", "report.html")]
@@ -164,7 +165,7 @@ def test_write_result_is_atomic_and_replaces(tmp_path: Path) -> None:
      "score": float("inf"), "duration_s": "long"},
 ])
 def test_missing_metrics_still_render(tmp_path: Path, result: dict) -> None:
-    _, report = render(result, tmp_path)
+    _, report = render(result, tmp_path, REPORT)
     html = report.read_text()
     assert "not available" in html.lower()
     assert "<img" not in html or all(s.startswith("data:") for s in re.findall(r'<img\b[^>]*\bsrc="([^"]*)"', html))
@@ -174,14 +175,14 @@ def test_result_missing_most_metrics(tmp_path: Path) -> None:
     result = full_result()
     result["metrics"] = {"runs": result["metrics"]["runs"]}
     del result["handed_in"], result["environment"]
-    html = write_report(result, tmp_path).read_text()
+    html = write_report(result, tmp_path, REPORT).read_text()
     for check in result["checks"]:
         assert check["id"] in html
     assert "Plot for ratio 0.9 not available" in html and "Gamma histogram not available" in html
 
 
 def test_hostile_strings_are_escaped(tmp_path: Path) -> None:
-    html = report_html(hostile_result())
+    html = report_html(hostile_result(), None, REPORT)
     assert HOSTILE not in html
     assert "<script" not in html.lower()
     assert "onerror=alert(1)>" not in html
@@ -189,13 +190,14 @@ def test_hostile_strings_are_escaped(tmp_path: Path) -> None:
     escaped = "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
     # diagnosis message, evidence line, evidence detail, error tail, printed line, check, cfg, copy detail...
     assert html.count(escaped) >= 7
-    template = (Path(__file__).parents[1] / "grader" / "templates" / "report.html.j2").read_text()
-    assert not re.search(r"\{\{[^}]*\|\s*safe", template)
+    for template in (Path(__file__).parents[1] / "grader" / "templates" / "report.html.j2",
+                     Path(__file__).parents[1] / "labs" / "slimming" / "templates" / "section.html.j2"):
+        assert not re.search(r"\{\{[^}]*\|\s*safe", template.read_text())
 
 
 def test_gradescope_results() -> None:
     result = full_result()
-    gradescope = gradescope_results(result)
+    gradescope = gradescope_results(result, REPORT)
     assert gradescope["score"] == 45.0
     assert gradescope["execution_time"] == 71 and gradescope["output_format"] == "text"
     # Items graded by hand are Gradescope's manual questions: no 0/0 test for them.
@@ -216,7 +218,7 @@ def test_gradescope_results() -> None:
     assert gradescope["output"].index("Failure (kernel-died)") < gradescope["output"].index("Mistake: bn-copy-bug")
     assert "train_prune_model.ipynb, cell 8" in gradescope["output"]
     json.dumps(gradescope)
-    empty = gradescope_results({})
+    empty = gradescope_results({}, REPORT)
     assert empty["score"] == 0.0 and empty["tests"] == [] and isinstance(empty["output"], str)
     assert "execution_time" not in empty and empty["output_format"] == "text"
 
@@ -226,7 +228,7 @@ def test_executed_notebooks_are_linked_locally(tmp_path: Path) -> None:
     result["metrics"]["runs"]["../../etc/passwd"] = {"notebook": "x.ipynb"}
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks" / "sparsity.ipynb").write_text("{}")
-    html = write_report(result, tmp_path).read_text()
+    html = write_report(result, tmp_path, REPORT).read_text()
     assert 'href="notebooks/sparsity.ipynb"' in html
     assert "notebooks/finetune.ipynb" not in html  # not written, so not linked
     assert "passwd.ipynb" not in html
@@ -235,7 +237,7 @@ def test_executed_notebooks_are_linked_locally(tmp_path: Path) -> None:
 def test_saved_best_prec1_fraction_is_shown_in_percent() -> None:
     result = full_result()
     result["metrics"]["sparsity"]["lambda"] = {"accuracy": 76.3, "claimed_best_prec1": 0.7632}
-    html = report_html(result)
+    html = report_html(result, None, REPORT)
     assert "76.3%" in html and "0.8%" not in html
 
 
@@ -244,7 +246,7 @@ def test_report_in_a_headless_browser(tmp_path: Path) -> None:
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
 
-    report = write_report(hostile_result(), tmp_path)
+    report = write_report(hostile_result(), tmp_path, REPORT)
     requests, dialogs = [], []
     started = time.monotonic()
     with sync_api.sync_playwright() as p:
@@ -343,41 +345,41 @@ def failing_result() -> dict:
 def test_cells_are_numbered_from_one_with_the_tracebacks_in_number(tmp_path: Path) -> None:
     result = failing_result()
     executed_copy(tmp_path, "prune-0.9", student_cells=10, injected_before=1)
-    view = report_view(result, tmp_path)
+    view = report_view(result, tmp_path, REPORT)
     failure = next(f for f in view["failures"] if f["kind"] == "exception")
     assert failure["cell"] == "8" and failure["shown_in"] == "9"
     # In[9] is the failing cell (8), In[4] the cell defining keep() (3): both named.
     assert "Cell In[9] [your cell 8], line 4" in failure["tail"]
     assert "Cell In[4] [your cell 3], line 2, in keep(mask)" in failure["tail"]
-    html = report_html(result, tmp_path)
+    html = report_html(result, tmp_path, REPORT)
     assert "cell 8 (In [9] in the traceback)" in html and "cell 7" not in html
     note = next(n for n in view["profile_notes"] if n["notebook"] == "sparsity_train.ipynb")
     assert note["cell"] == "12"
     # Without the executed copy the failing cell's In [n] comes from its traceback.
-    assert report_view(result)["failures"][1]["shown_in"] == "9"
+    assert report_view(result, None, REPORT)["failures"][1]["shown_in"] == "9"
 
 
 def test_causes_come_before_their_consequences(tmp_path: Path) -> None:
     result = failing_result()
-    failures = report_view(result, tmp_path)["failures"]
+    failures = report_view(result, tmp_path, REPORT)["failures"]
     assert [(f["notebook"], f["kind"]) for f in failures] == [
         ("sparsity_train.ipynb", "missing-artifact"),  # not handed in: the first cause
         ("vggprune.ipynb", "exception"),  # the IndexError before what it left unwritten
         ("vggprune.ipynb", "missing-artifact"),
         ("train_prune_model.ipynb", "kernel-died")]  # notebooks in the lab's order
-    html = report_html(result, tmp_path)
+    html = report_html(result, tmp_path, REPORT)
     assert html.index("cell 8 raised IndexError") < html.index("did not write model_prune.pth")
     assert html.index('id="failures"') < html.index('id="diagnoses"')
-    stages = {s["id"]: s for s in report_view(result)["stages"]}
+    stages = {s["id"]: s for s in report_view(result, None, REPORT)["stages"]}
     assert stages["vggprune"]["cause"].startswith("First: vggprune.ipynb: cell 8 raised IndexError")
     assert stages["sparsity_train"]["cause"].startswith("sparsity_train.ipynb was not found")
-    first = report_view(result)["summary"]["first_failure"]
+    first = report_view(result, None, REPORT)["summary"]["first_failure"]
     assert first.startswith("sparsity_train.ipynb was not found")
 
 
 def test_the_card_counts_every_failed_run_and_no_note_twice() -> None:
     result = failing_result()
-    view = report_view(result)
+    view = report_view(result, None, REPORT)
     # finetune, prune-0.9 and chained-prune-0.9 (the same IndexError), prune-0.5; the edge
     # probe's own failure is a note that costs nothing; a missing notebook is no run.
     assert view["summary"]["failed_runs"] == 4
@@ -388,19 +390,19 @@ def test_the_card_counts_every_failed_run_and_no_note_twice() -> None:
                                    "your own pipeline: pruning at 90 %"]
     messages = [n["message"] for n in view["profile_notes"]]
     assert messages == ["sparsity_train.ipynb: cell 12 raised ValueError.", "edge only."]
-    html = report_html(result)
+    html = report_html(result, None, REPORT)
     assert "4 failed run(s), 1 notebook(s) not handed in, 2 not counted" in " ".join(html.split())
 
 
 def test_runs_are_named_in_plain_words() -> None:
-    from grader.render import run_label
+    run_label = REPORT.run_label
 
     assert run_label("prune-0.5") == "pruning the reference checkpoint at 50 %"
     assert run_label("chained-prune-0.9") == "your own pipeline: pruning at 90 %"
     assert run_label("chained 0.9") == "your own pipeline: pruning at 90 %"
     assert run_label("isolated edge") == run_label("prune-edge")
     assert run_label("chained-sparsity").startswith("your own pipeline")
-    html = report_html(full_result())
+    html = report_html(full_result(), None, REPORT)
     text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
     assert "chained prune" not in text and "band 3" not in text
     assert "your own pipeline: pruning at 50 %" in text and "yours passes within 3 points" in text
@@ -413,12 +415,12 @@ def test_the_masks_row_says_what_the_chart_draws() -> None:
     # The grader accepted the masks (a min-channel rule), yet the kept counts differ in
     # layers 1 and 2-3: the row must not say "match the reference" beside those numbers.
     facts.update(student_kept=[3, 3, 5, 4], mask_correct=True, mask_layers_wrong=[])
-    [run] = [r for r in report_view(result)["pruning"]["runs"]
+    [run] = [r for r in section_view(result)["pruning"]["runs"]
              if r["label"] == "pruning the reference checkpoint at 90 %"]
     assert run["kept_match"] is False and run["layers_wrong"] == "1\u20133"
     assert "costs nothing" in run["mask_note"]
     facts.update(student_kept=[3, 2, 4, 3], mask_correct=False, mask_layers_wrong=[2])
-    [run] = [r for r in report_view(result)["pruning"]["runs"]
+    [run] = [r for r in section_view(result)["pruning"]["runs"]
              if r["label"] == "pruning the reference checkpoint at 90 %"]
     assert run["kept_match"] is False and run["layers_wrong"] == "2"
     assert "not the same channels" in run["mask_note"]
@@ -427,15 +429,15 @@ def test_the_masks_row_says_what_the_chart_draws() -> None:
 def test_hand_grades_merged_by_a_batch_show_in_the_report() -> None:
     result = full_result()
     result["hand_grades"] = {"points": {"report-problems": 6.5, "not-an-item": 3, }, "comment": "Good."}
-    view = report_view(result)
+    view = report_view(result, None, REPORT)
     assert view["summary"]["manual_line"] == "Graded by hand from your written report: 6.5 / 40."
     assert view["summary"]["final_line"] == "Total: 51.5 / 100"
     [report] = [s for s in view["stages"] if s["id"] == "report"]
     assert report["hand_points"] == "6.5"
-    html = report_html(result)
+    html = report_html(result, None, REPORT)
     assert "6.5 / 8" in html and "Your grader's comment: Good." in html
     result["hand_grades"]["points"]["report-problems"] = 9  # more than the item's 8 points
-    assert report_view(result)["summary"]["final_line"] == ""
+    assert report_view(result, None, REPORT)["summary"]["final_line"] == ""
 
 
 def _browse(page_path: Path, sync_api) -> dict:
@@ -473,7 +475,7 @@ def test_new_parts_of_the_report_in_a_headless_browser(tmp_path: Path) -> None:
     result["hand_grades"] = {"points": {"report-problems": 7}, "comment": "Nice report."}
     result["metrics"]["prune"]["0.9"]["student_kept"] = [3, 3, 4, 3]
     executed_copy(tmp_path, "prune-0.9", student_cells=10, injected_before=1)
-    seen = _browse(write_report(result, tmp_path), sync_api)
+    seen = _browse(write_report(result, tmp_path, REPORT), sync_api)
     assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
     assert seen["scripts"] == 0 and seen["broken"] == 0
     text = seen["text"]
@@ -495,7 +497,7 @@ def test_new_parts_of_the_class_summary_in_a_headless_browser(tmp_path: Path) ->
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
     from grader import batch
 
-    rubric = json.loads((Path(__file__).parents[1] / "grader" / "rubric.json").read_text())
+    rubric = json.loads((Path(__file__).parents[1] / "labs" / "slimming" / "rubric.json").read_text())
     failure = {"notebook": "vggprune.ipynb", "kind": "exception", "cell_index": 23,
                "message": "vggprune.ipynb: cell 24 raised IndexError: index 5 is out of bounds."}
     note = {"notebook": "sparsity_train.ipynb", "cell_index": 8, "message": "cell 9 raised ValueError.",

@@ -22,6 +22,7 @@ from grader import execute, sandbox
 from grader.execute import HarnessError, RunSpec, run_notebook
 from grader.sandbox import (KernelPlace, bwrap_command, kernel_files, package_dirs,
                             sandbox_available)
+from labs.slimming.kernel import kernel_setup
 from reference.profiles import QUICK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +91,8 @@ def probe_run(tmp_path, monkeypatch):
     def run(sandboxed: bool) -> tuple[dict, Path]:
         work_dir = tmp_path / "work"
         spec = RunSpec(run_id="probe", notebook=notebook, work_dir=work_dir, parameters={},
-                       profile=replace(QUICK, cell_timeout_s=60), sandbox=sandboxed)
+                       profile=replace(QUICK, cell_timeout_s=60), sandbox=sandboxed,
+                       kernel=kernel_setup(QUICK))
         result = run_notebook(spec)
         assert result.failure is None, result.failure
         return json.loads((work_dir / "probe.json").read_text()), escape
@@ -147,19 +149,21 @@ def test_package_folders_are_read_only_inside(tmp_path):
 def test_bwrap_command_binds_only_what_the_kernel_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: "/usr/bin/bwrap")
     work_dir, data_root = tmp_path / "work", tmp_path / "data"
+    sees = tuple(path for path, _ in kernel_setup(QUICK).sees)
     place = KernelPlace(work_dir, work_dir / ".slimgrade", data_root, "cpu", True,
-                        (1_900_000_123, 1_900_000_123), 256 * 1024 * 1024)
+                        (1_900_000_123, 1_900_000_123), 256 * 1024 * 1024, sees)
     args = bwrap_command(place, ["python", "-m", "ipykernel_launcher"])
     binds = {(args[i], args[i + 1]) for i, arg in enumerate(args)
              if arg in ("--bind", "--ro-bind", "--dev-bind")}
     sources = {Path(source) for _, source in binds}
     assert ("--bind", str(work_dir)) in binds
     assert ("--ro-bind", str(data_root)) in binds
-    # Of the packages, exactly KERNEL_SEES, over an empty read-only tmpfs per package.
-    assert {("--ro-bind", str(path)) for path in kernel_files()} <= binds
-    assert {p for p in sources if any(f in p.parents or f == p for f in package_dirs())} \
-        == set(kernel_files())
-    for folder in package_dirs():
+    # Of the packages, exactly KERNEL_SEES and the lab's, over an empty read-only tmpfs each.
+    assert {("--ro-bind", str(path)) for path in kernel_files(sees)} <= binds
+    assert {p for p in sources if any(f in p.parents or f == p for f in package_dirs(sees))} \
+        == set(kernel_files(sees))
+    assert {folder.name for folder in package_dirs(sees)} == {"grader", "labs", "reference"}
+    for folder in package_dirs(sees):
         assert ("--tmpfs", str(folder)) in set(zip(args, args[1:]))
         assert ("--remount-ro", str(folder)) in set(zip(args, args[1:]))
     assert REPO not in sources
@@ -197,8 +201,10 @@ def test_missing_sandbox_warns_once_and_runs_unsandboxed(monkeypatch, caplog):
 # ---------------------------------------------------------------- the answer key, uids
 
 HIDDEN_MODULES = ("reference.prune", "reference.train", "reference.bundle", "reference.profiles",
-                  "reference.store", "reference.drift",
-                  "reference.metrics", "reference.plots", "grader.evaluate", "grader.pipeline",
+                  "reference.drift", "reference.metrics", "reference.plots",
+                  "labs.slimming.evaluate", "labs.slimming.grading", "labs.slimming.diagnoses",
+                  "labs.slimming.checks", "labs.slimming.lab", "labs.slimming.kernel",
+                  "labs.slimming.checkpoints", "grader.pipeline", "grader.bundles",
                   "grader.execute", "grader.sandbox", "grader.diagnose", "grader.score")
 
 IMPORTS = '''
@@ -237,7 +243,7 @@ def test_the_answer_key_cannot_be_imported_in_the_kernel(tmp_path, monkeypatch, 
     source = IMPORTS.format(modules=HIDDEN_MODULES)
     result = run_notebook(RunSpec("imports", notebook(tmp_path, "imports", source),
                                   tmp_path / "work", {}, replace(QUICK, cell_timeout_s=60),
-                                  sandbox=True))
+                                  sandbox=True, kernel=kernel_setup(QUICK)))
     assert result.failure is None, result.failure
     results = json.loads((tmp_path / "work" / "imports.json").read_text())
     for name in HIDDEN_MODULES:

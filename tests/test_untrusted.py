@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import grader.untrusted as untrusted
-from grader.checkpoints import CHECKPOINT_LIMITS, CheckpointError, load_student_checkpoint
+from labs.slimming.checkpoints import CHECKPOINT_LIMITS, CheckpointError, load_student_checkpoint
 from grader.execute import Failure, RunResult, RunSpec, literal_assignments, run_notebook
-from grader.pipeline import handed_in, student_lambda
+from labs.slimming.grading import handed_in, student_lambda
 from grader.prepare import Submission
 from grader.runcache import RunCache
 from grader.schedule import PlannedRun, execute_all

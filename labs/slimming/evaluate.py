@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grader.checkpoints import (CheckpointError, load_student_checkpoint, model_from_state,
+from labs.slimming.checkpoints import (CheckpointError, load_student_checkpoint, model_from_state,
                                 state_dict_of)
 from reference.bundle import majority_fraction
 from reference.data import TensorLoader

@@ -1,9 +1,10 @@
 """Where an expected bundle comes from, and which one it is: its content hash.
 
-A bundle (``reference.bundle`` writes one) is identified by ``content_hash``, recorded in its
-``BUNDLE-HASH`` file. A grading never trains one: ``resolve_bundle`` takes the bundle shipped
-with the package for the profile (``reference/bundles/<profile>/``, when its fingerprint is
-the profile's), or the folder or .tar.gz/.zip archive given as ``--bundle``, checks its hash
+A bundle is the folder of expected results a lab's reference writes (its ``manifest.json``
+holds the profile's ``fingerprint``). It is identified by ``content_hash``, recorded in its
+``BUNDLE-HASH`` file. A grading never trains one: ``resolve_bundle`` takes the bundle a lab
+ships for the profile (``<shipped_root>/<profile>/``, when its fingerprint is the
+profile's), or the folder or .tar.gz/.zip archive given as ``--bundle``, checks its hash
 and fingerprint, and refuses anything else with one sentence (``BundleError``).
 
 No torch here: a batch's grading processes unpickle a ``Bundle`` before anything heavy loads.
@@ -22,20 +23,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from reference.profiles import Profile
+from grader.lab import Profile
 
 MANIFEST = "manifest.json"
 
 
-def load_manifest(bundle_dir: str | Path) -> dict:
+def read_manifest(bundle_dir: str | Path) -> dict:
     return json.loads((Path(bundle_dir) / MANIFEST).read_text())
 
 
 # ---------------------------------------------------------------- identity: the content hash
 
 BUNDLE_HASH = "BUNDLE-HASH"
-# The bundles that ship with the package, one folder per profile name.
-SHIPPED_ROOT = Path(__file__).resolve().parent / "bundles"
 SHIPPED = "shipped"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # A bundle archive is the TA's own file, but it is unpacked with the care of a stranger's:
@@ -132,10 +131,6 @@ def verify_bundle(folder: str | Path) -> str:
     return actual
 
 
-def shipped_bundle_dir(profile_name: str) -> Path:
-    return SHIPPED_ROOT / profile_name
-
-
 def default_cache_root() -> Path:
     """Where bundle archives given as --bundle are unpacked (by their content hash)."""
     root = os.environ.get("SLIMGRADE_CACHE") or os.path.join(
@@ -151,7 +146,7 @@ def _how_to_build(profile: Profile) -> str:
 
 def _check_profile(folder: Path, profile: Profile, shown: str) -> dict:
     try:
-        manifest = load_manifest(folder)
+        manifest = read_manifest(folder)
     except (OSError, ValueError):
         raise BundleError(f"{shown} has no readable {MANIFEST}: give the folder that "
                           f"'slimgrade reference' wrote, or an archive of it.") from None
@@ -166,13 +161,13 @@ def _check_profile(folder: Path, profile: Profile, shown: str) -> dict:
 
 
 def resolve_bundle(profile: Profile, bundle: Bundle | str | Path | None = None,
-                   cache_root: str | Path | None = None) -> Bundle:
+                   cache_root: str | Path | None = None, shipped_root: Path | None = None) -> Bundle:
     """The expected bundle a grading uses, checked by its content hash; never built here.
 
     ``bundle``: a folder, or a .tar.gz/.zip archive of one (unpacked once under
     ``cache_root``, by its hash), or a ``Bundle`` resolved earlier (a batch's workers get the
-    batch's, checked again). Without it, the bundle shipped for the profile when its
-    fingerprint matches. Anything else raises BundleError with one sentence.
+    batch's, checked again). Without it, the bundle the lab ships for the profile under
+    ``shipped_root`` when its fingerprint matches. Anything else raises BundleError with one sentence.
     """
     if isinstance(bundle, Bundle):
         digest = verify_bundle(bundle.path)
@@ -182,11 +177,11 @@ def resolve_bundle(profile: Profile, bundle: Bundle | str | Path | None = None,
                               "or grade again.")
         return bundle
     if bundle is None:
-        folder = shipped_bundle_dir(profile.name)
-        if not (folder / MANIFEST).is_file():
+        folder = (shipped_root or Path("/nonexistent")) / profile.name
+        if shipped_root is None or not (folder / MANIFEST).is_file():
             raise BundleError(f"No expected bundle ships for the {profile.name} profile and no "
                               f"--bundle was given: {_how_to_build(profile)}.")
-        manifest = load_manifest(folder)
+        manifest = read_manifest(folder)
         if manifest.get("fingerprint") != profile.fingerprint():
             raise BundleError(f"The shipped {profile.name} bundle was built for another "
                               f"version of the profile (fingerprint {manifest.get('fingerprint')}, "

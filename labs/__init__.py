@@ -1,0 +1,1 @@
+"""Labs graded by slimgrade, one plug-in each (grader/lab.py)."""
