@@ -83,10 +83,14 @@ from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from urllib.parse import quote
 
+from grader import render
+from grader.files import TEMPORARY_NAME, write_atomically
 from grader.lab import get_lab
+from grader.machine import RUNS_AT_ONCE, cores
 from grader.prepare import (PrepareError, archive_problem, lab_notebooks_in,
                             top_level_notebooks)
 from grader.progress import Progress, duration
+from grader.score import load_rubric
 from grader.untrusted import remove_tree
 
 RESULT, REPORT, NOTEBOOKS = "result.json", "report.html", "notebooks"
@@ -102,11 +106,9 @@ GRADING_PROBLEM_MIN = 2
 LOCK_NAME = ".slimgrade-batch.lock"
 PARTIAL = ".partial-"
 PARTIAL_NAME = re.compile(r".+\.partial-[0-9a-f]{8}")
-TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 IGNORED_ENTRIES = {"__MACOSX"}
 RESERVED_IDS = {name.casefold() for name in (GRADEBOOK, SUMMARY, HAND_GRADES, LMS_GRADES)}
 MAX_ID_CHARS = 100
-TOTAL_CORES = 2  # the grading machine's budget: notebook runs of all workers together
 STOP_GRACE_S = 10.0  # from SIGTERM to SIGKILL: a grading kills its kernels, removes its work root
 # The per-grading deadline: every run may use its whole budget plus kernel start, the
 # grader's setup cell and the state dump; the grading's own work (finding the bundle,
@@ -118,6 +120,7 @@ TIMEOUT_KIND = "timeout"
 WORKER_LOST_KIND = "worker-lost"
 POLL_S = 0.5
 SUMMARY_TEXT_CHARS = 300
+BLANK = ""  # a missing number in the summary and the CSVs (render.points: an en dash)
 FAILURE_KIND = "exception"
 FIXED_COLUMNS_BEFORE = ("student_id",)
 FIXED_COLUMNS_AFTER = ("total", "max_total", "hand_total", "final", "final_max", "status",
@@ -322,19 +325,14 @@ def exclusive(out: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- rubric and failure results
 
-def read_rubric(path: Path | None, lab: str | None = None) -> dict:
-    """The rubric JSON (the lab's by default), read without importing the scorer."""
-    return json.loads(Path(path or get_lab(lab).rubric).read_text())
-
-
 def failure_message(error: BaseException) -> str:
     """One sentence about what stopped a grading."""
-    text = " ".join(str(error).split())
-    if isinstance(error, PrepareError) and text:
-        sentence = _clip(text, 500)
+    said = " ".join(str(error).split())
+    if isinstance(error, PrepareError) and said:
+        sentence = render.text(said, 500)
     else:
-        detail = f"{type(error).__name__}: {text}" if text else type(error).__name__
-        sentence = f"The grader failed on this submission ({_clip(detail, 300)})"
+        detail = f"{type(error).__name__}: {said}" if said else type(error).__name__
+        sentence = f"The grader failed on this submission ({render.text(detail, 300)})"
     return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
 
 
@@ -342,7 +340,7 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
                    duration_s: float, kind: str = FAILURE_KIND, bundle: dict | None = None) -> dict:
     """A result.json for a submission whose grading raised: every check an error, score 0;
     ``bundle`` (``bundle_fields``) names the expected bundle the grading was to use."""
-    from grader.result import now, result_fields
+    from grader.result import GradeResult, now
 
     checks = []
     for item in rubric.get("items", []):
@@ -353,7 +351,7 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
                        "max_points": float(item.get("points", 0)),
                        "message": "Graded by hand from the report." if manual
                        else f"Not graded: {message}"})
-    return result_fields(
+    return GradeResult(
         submission=sid, profile=profile_name, bundle=bundle, graded_at=now(),
         duration_s=round(duration_s, 1), score=0.0,
         max_score=sum(c["max_points"] for c in checks if c["status"] != "skip"),
@@ -361,7 +359,8 @@ def failure_result(sid: str, profile_name: str, rubric: dict, message: str, tail
         failures=[{"notebook": None, "run": None, "kind": kind, "message": message,
                    "cell_index": None, "error_tail": tail[-4000:]}],
         profile_notes=[], profile_changes={}, metrics={}, handed_in={},
-        environment={"python": platform.python_version(), "platform": platform.platform()})
+        environment={"python": platform.python_version(), "platform": platform.platform()}
+    ).to_dict()
 
 
 def write_failure(folder: Path, result: dict, lab: str | None = None) -> None:
@@ -382,19 +381,6 @@ def write_failure(folder: Path, result: dict, lab: str | None = None) -> None:
             f"<p>{html.escape(failure['message'])}</p>"
             f"<p>Score 0/{result['max_score']:g}.</p></body></html>\n"))
     write_atomically(folder / RESULT, json.dumps(result, indent=2) + "\n")
-
-
-def write_atomically(path: Path, text: str, newline: str | None = "\n") -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline=newline) as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- one grading process
@@ -485,7 +471,7 @@ def run_task(task: Task) -> None:
             write_atomically(task.partial / RESULT, json.dumps(result, indent=2, default=str))
     except Exception as error:  # noqa: BLE001 - one submission never stops the batch
         record_failure(task.partial, task.sid, getattr(task.profile, "name", str(task.profile)),
-                       read_rubric(task.rubric_path, task.lab), failure_message(error),
+                       load_rubric(task.rubric_path, task.lab), failure_message(error),
                        traceback.format_exc(), time.monotonic() - started,
                        bundle=bundle_fields(task.bundle), lab=task.lab)
     finally:  # also when stopped (SIGTERM); the batch removes it too, should we be killed
@@ -686,13 +672,13 @@ class Gradebook:
         if result is None:  # a result.json that does not parse
             row.update(status=UNREADABLE, failures=f"{RESULT}:unreadable")
             return row
-        checks = {c.get("id"): c for c in _list(result.get("checks")) if isinstance(c, dict)}
+        checks = {c.get("id"): c for c in render.as_list(result.get("checks")) if isinstance(c, dict)}
         for item in self.items:
             if not item.get("manual"):
-                row[item["id"]] = _number(_dict(checks.get(item["id"])).get("points"))
-        failures = [f for f in _list(result.get("failures")) if isinstance(f, dict)]
-        row["total"] = _number(result.get("score"))
-        row["max_total"] = _number(result.get("max_score"))
+                row[item["id"]] = render.number(render.as_dict(checks.get(item["id"])).get("points"))
+        failures = [f for f in render.as_list(result.get("failures")) if isinstance(f, dict)]
+        row["total"] = render.number(result.get("score"))
+        row["max_total"] = render.number(result.get("max_score"))
         if row["total"] is not None:
             row["final"] = round(row["total"] + (hand_total or 0.0), 2)
         if row["max_total"] is not None:
@@ -701,9 +687,9 @@ class Gradebook:
         row["failures"] = ";".join(f"{f.get('notebook') or 'submission'}:{f.get('kind') or 'unknown'}"
                                    for f in failures)
         row["diagnoses"] = ";".join(dict.fromkeys(
-            str(d.get("id")) for d in _list(result.get("diagnoses")) if isinstance(d, dict)))
-        row["duration_s"] = _number(result.get("duration_s"))
-        row["bundle"] = _dict(result.get("bundle")).get("hash")
+            str(d.get("id")) for d in render.as_list(result.get("diagnoses")) if isinstance(d, dict)))
+        row["duration_s"] = render.number(result.get("duration_s"))
+        row["bundle"] = render.as_dict(result.get("bundle")).get("hash")
         return row
 
     def _report(self, sid: str) -> str:
@@ -781,28 +767,28 @@ class Gradebook:
             if row["duration_s"] is not None:
                 durations.append(row["duration_s"])
             diagnoses, notes = [], []
-            for d in _list(result.get("diagnoses")):
+            for d in render.as_list(result.get("diagnoses")):
                 if not isinstance(d, dict):
                     continue
-                did = _clip(str(d.get("id")), 80)
-                message = _clip(str(d.get("message") or ""), SUMMARY_TEXT_CHARS)
+                did = render.text(str(d.get("id")), 80)
+                message = render.text(str(d.get("message") or ""), SUMMARY_TEXT_CHARS)
                 mistake = d.get("severity", "error") == "error"
                 (diagnoses if mistake else notes).append({"id": did, "message": message})
                 table = mistake_students if mistake else note_students
                 if entry.id not in table.setdefault(did, []):
                     table[did].append(entry.id)
                 examples.setdefault(did, message)
-            for c in _list(result.get("checks")):
+            for c in render.as_list(result.get("checks")):
                 if isinstance(c, dict) and c.get("status") in ("pass", "fail", "error"):
                     check_counts.setdefault(str(c.get("id")), Counter())[c["status"]] += 1
             failures = []
-            for f in _list(result.get("failures")):
+            for f in render.as_list(result.get("failures")):
                 if not isinstance(f, dict):
                     continue
-                kind = _clip(str(f.get("kind") or "unknown"), 40)
-                where = _clip(str(f.get("notebook") or "submission"), 80)
+                kind = render.text(str(f.get("kind") or "unknown"), 40)
+                where = render.text(str(f.get("notebook") or "submission"), 80)
                 cell = _cell_number(f.get("cell_index"))
-                message = _clip(str(f.get("message") or ""), SUMMARY_TEXT_CHARS)
+                message = render.text(str(f.get("message") or ""), SUMMARY_TEXT_CHARS)
                 failures.append({"kind": kind, "where": where, "cell": cell, "message": message})
                 kind_count[kind] += 1
                 kind_students.setdefault(kind, set()).add(entry.id)
@@ -810,16 +796,16 @@ class Gradebook:
                     "where": where, "cell": cell, "kind": kind, "message": message, "students": []})
                 if entry.id not in group["students"]:
                     group["students"].append(entry.id)
-            for n in _list(result.get("profile_notes")):
+            for n in render.as_list(result.get("profile_notes")):
                 if not isinstance(n, dict):
                     continue
-                where = _clip(str(n.get("notebook") or "submission"), 80)
+                where = render.text(str(n.get("notebook") or "submission"), 80)
                 cell = _cell_number(n.get("cell_index"))
-                message = _clip(str(n.get("message") or ""), SUMMARY_TEXT_CHARS)
+                message = render.text(str(n.get("message") or ""), SUMMARY_TEXT_CHARS)
                 notes.append({"id": "not counted", "message": message})
                 group = note_groups.setdefault((where, cell, message), {
                     "where": where, "cell": cell, "message": message,
-                    "why": _clip(str(n.get("explanation") or ""), SUMMARY_TEXT_CHARS), "students": []})
+                    "why": render.text(str(n.get("explanation") or ""), SUMMARY_TEXT_CHARS), "students": []})
                 if entry.id not in group["students"]:
                     group["students"].append(entry.id)
             if self.results[entry.id] is None:
@@ -829,11 +815,12 @@ class Gradebook:
             student = {"id": entry.id, "source": entry.path.name,
                        "href": quote(f"{entry.id}/{REPORT}") if row["report"] else "",
                        "status": row["status"] or "",
-                       "score": _points(score), "max": _points(maximum),
+                       "score": render.points(score, BLANK), "max": render.points(maximum, BLANK),
                        "pct": f"{100 * score / maximum:.0f} %" if score is not None and maximum else "",
-                       "hand": _points(row["hand_total"]) if hand.get("points") else "",
-                       "final": _points(row["final"]), "final_max": _points(row["final_max"]),
-                       "comment": _clip(hand.get("comment", ""), SUMMARY_TEXT_CHARS),
+                       "hand": render.points(row["hand_total"], BLANK) if hand.get("points") else "",
+                       "final": render.points(row["final"], BLANK),
+                       "final_max": render.points(row["final_max"], BLANK),
+                       "comment": render.text(hand.get("comment", ""), SUMMARY_TEXT_CHARS),
                        "time": duration(row["duration_s"]) if row["duration_s"] is not None else "",
                        "diagnoses": diagnoses, "notes": notes, "failures": failures}
             students.append(student)
@@ -849,7 +836,7 @@ class Gradebook:
                 continue
             judged = sum(counts.values())
             check_rates.append({"id": item["id"], "title": titles[item["id"]],
-                                "points": _points(_number(item.get("points"))),
+                                "points": render.points(item.get("points"), BLANK),
                                 "pass": counts["pass"], "fail": counts["fail"], "error": counts["error"],
                                 "judged": judged, "rate": f"{100 * counts['pass'] / judged:.0f} %",
                                 "percent": round(100 * counts["pass"] / judged)})
@@ -874,9 +861,9 @@ class Gradebook:
             "pending": [e.id for e in self.entries if e.id not in self.results and e.id not in self.empty],
             "no_submission": [{"id": e.id, "source": e.path.name} for e in self.entries if e.id in self.empty],
             "with_failures": len(failed_students),
-            "mean": _points(round(statistics.fmean(scores), 2)) if scores else "",
-            "median": _points(round(statistics.median(scores), 2)) if scores else "",
-            "max_total": _points(top),
+            "mean": render.points(statistics.fmean(scores), BLANK) if scores else "",
+            "median": render.points(statistics.median(scores), BLANK) if scores else "",
+            "max_total": render.points(top, BLANK),
             "histogram": score_histogram(scores, top) if scores else None,
             "class_plot": self._class_plot(),
             "time_total": duration(sum(durations)) if durations else "",
@@ -892,10 +879,10 @@ class Gradebook:
                               for kind, count in kind_count.most_common()],
             "failed_students": failed_students,
             "students": students,
-            "manual_max": _points(self.manual_max) if self.manual_max else "",
+            "manual_max": render.points(self.manual_max, BLANK) if self.manual_max else "",
             "hand_done": hand_done,
             "hand_file": HAND_GRADES,
-            "problems": [_clip(p, SUMMARY_TEXT_CHARS) for p in self.problems],
+            "problems": [render.text(p, SUMMARY_TEXT_CHARS) for p in self.problems],
         }
 
 
@@ -915,11 +902,13 @@ def lms_csv(rows: list[dict], manual_max: float) -> str:
             continue
         parts = []
         if row["total"] is not None:
-            parts.append(f"Automatic checks {_points(row['total'])}/{_points(row['max_total'])}")
+            parts.append(f"Automatic checks {render.points(row['total'], BLANK)}/"
+                         f"{render.points(row['max_total'], BLANK)}")
         if manual_max:
-            parts.append(f"report {_points(row['hand_total'])}/{_points(manual_max)} (graded by hand)"
+            parts.append(f"report {render.points(row['hand_total'], BLANK)}/"
+                         f"{render.points(manual_max, BLANK)} (graded by hand)"
                          if row["hand_total"] is not None else
-                         f"report (up to {_points(manual_max)}) not graded yet")
+                         f"report (up to {render.points(manual_max, BLANK)}) not graded yet")
         text = ", ".join(parts) + "."
         if row["status"] == NOT_GRADED:
             text = "Not graded: see the report. " + text
@@ -972,28 +961,6 @@ def _csv_cell(value: object) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if value == value and abs(value) != float("inf") else None
-
-
-def _points(value: float | None) -> str:
-    return "" if value is None else f"{value:g}"
-
-
-def _dict(value: object) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: object) -> list:
-    return value if isinstance(value, list) else []
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 # ---------------------------------------------------------------- the batch
 
 def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None = None,
@@ -1018,7 +985,7 @@ def grade_class(class_dir: Path, out: Path, profile, *, data_root: Path | None =
     notebooks = get_lab(lab).notebooks
     entries, chosen = class_entries(class_dir, out, only, exclude, notebooks)
     out.mkdir(parents=True, exist_ok=True)
-    rubric = read_rubric(rubric_path, lab)
+    rubric = load_rubric(rubric_path, lab)
     profile_name = getattr(profile, "name", str(profile))
     with exclusive(out):
         remove_stale(out)
@@ -1074,7 +1041,7 @@ def _warn_other_bundles(book: Gradebook, bundle, stream) -> None:
     if not fields:
         return
     other = [sid for sid, result in book.results.items() if result and
-             _dict(result.get("bundle")).get("hash") not in (None, fields["hash"])]
+             render.as_dict(result.get("bundle")).get("hash") not in (None, fields["hash"])]
     if other:
         _say(stream, f"{len(other)} result(s) kept from an earlier run ({', '.join(other[:5])}"
                      f"{', ...' if len(other) > 5 else ''}) were graded against another expected "
@@ -1086,6 +1053,23 @@ def _say(stream, text: str) -> None:
     from grader.progress import clock
 
     print(f"{clock()} batch: {text}", file=stream if stream is not None else sys.stderr, flush=True)
+
+
+def outcome_line(book: Gradebook, sid: str, on: str = "") -> str:
+    """One line on a finished hand-in: its score, its failures, its time, then ``on`` (where
+    it ran: a cluster's worker)."""
+    row = book.row(sid)
+    result = book.results.get(sid) or {}
+    failures = [f for f in render.as_list(result.get("failures")) if isinstance(f, dict)]
+    took = f" in {duration(row['duration_s'])}" if row["duration_s"] is not None else ""
+    if row["status"] == NOT_GRADED:
+        why = render.text(str(failures[0].get("message") or failures[0].get("kind")), 120)
+        return f"{sid}: not graded{took}{on}: {why}"
+    if row["status"] == UNREADABLE:
+        return f"{sid}: its {RESULT} cannot be read"
+    runs = f", {len(failures)} failed run(s)" if failures else ""
+    score = f"{render.points(row['total'], BLANK)}/{render.points(row['max_total'], BLANK)}"
+    return f"{sid}: {score}{runs}{took}{on}"
 
 
 def batch_summary(rows: list[dict], out: Path) -> str:
@@ -1177,24 +1161,13 @@ class _Scheduler:
                 "nothing was recorded for them: see the messages above and run the batch again.")
 
     def _outcome(self, sid: str) -> str:
-        """One line on a finished hand-in: its score, its failures, its time."""
         if sid not in self.book.results:
             return f"{sid}: not recorded (see above)"
-        row = self.book.row(sid)
-        result = self.book.results[sid] or {}
-        failures = [f for f in _list(result.get("failures")) if isinstance(f, dict)]
-        took = f" in {duration(row['duration_s'])}" if row["duration_s"] is not None else ""
-        if row["status"] == NOT_GRADED:
-            why = _clip(str(failures[0].get("message") or failures[0].get("kind")), 120)
-            return f"{sid}: not graded{took}: {why}"
-        if row["status"] == UNREADABLE:
-            return f"{sid}: its {RESULT} cannot be read"
-        runs = f", {len(failures)} failed run(s)" if failures else ""
-        return f"{sid}: {_points(row['total'])}/{_points(row['max_total'])}{runs}{took}"
+        return outcome_line(self.book, sid)
 
     def _start(self, entry: Entry) -> None:
         partial = _partial_path(self.book.out, entry.id)
-        grade_workers = max(1, TOTAL_CORES // self.workers)
+        grade_workers = max(1, RUNS_AT_ONCE // self.workers)
         slot = self.free_slots.pop(0)
         # A short name: the work root and the kernels' sockets go below it.
         scratch = Path(tempfile.mkdtemp(prefix="slimgrade-b"))
@@ -1202,7 +1175,7 @@ class _Scheduler:
                     profile=self.profile, grade_workers=grade_workers,
                     visible_gpus=self.gpus[slot],
                     # every kernel of every grading at once shares the cores
-                    threads=max(1, (os.cpu_count() or TOTAL_CORES) // (self.workers * grade_workers)),
+                    threads=max(1, cores() // (self.workers * grade_workers)),
                     parent_pid=os.getpid(), grade_function=grade, scratch=scratch, **self.options)
         process = self.context.Process(target=run_task, args=(task,), name=f"slimgrade-{entry.id}")
         graded_before = is_finished(self.book.out, entry.id)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from grader.files import write_atomically
 from grader.lab import Profile
 
 MANIFEST = "manifest.json"
@@ -99,9 +100,7 @@ def content_hash(folder: str | Path) -> str:
 def write_bundle_hash(folder: str | Path) -> str:
     """Record the content hash of ``folder`` in its BUNDLE-HASH file; returns it."""
     digest = content_hash(folder)
-    tmp = Path(folder) / f".{BUNDLE_HASH}.tmp"
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, Path(folder) / BUNDLE_HASH)
+    write_atomically(Path(folder) / BUNDLE_HASH, digest + "\n")
     return digest
 
 

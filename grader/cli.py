@@ -76,8 +76,10 @@ def rubric_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"{path} {'is not a file' if path.exists() else 'does not exist'}: give a rubric JSON "
             "file shaped like the lab's rubric.json.")
+    from grader.score import load_rubric
+
     try:
-        rubric = json.loads(path.read_text(encoding="utf-8"))
+        rubric = load_rubric(path)
     except OSError as error:
         raise argparse.ArgumentTypeError(f"{path} cannot be read ({error.strerror}).") from None
     except (UnicodeDecodeError, ValueError) as error:
@@ -206,6 +208,7 @@ def cluster_problem(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from grader import __version__
     from grader.lab import installed_labs
+    from grader.machine import RUNS_AT_ONCE
 
     parser = argparse.ArgumentParser(prog="slimgrade", description=(
         "Grades ML lab notebooks (installed labs: " + ", ".join(sorted(installed_labs())) +
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="data, width, epochs and tolerances (default: the lab's "
                                   "quick profile)")
         command.add_argument("--data-root", type=existing_folder, default=None,
-                             help="folder holding cifar-10-batches-py/ (the full profile)")
+                             help="the lab's data for the full profile (slimming: the folder holding "
+                                  "cifar-10-batches-py/; lowcomplexity: cifar-100-python/)")
         command.add_argument("--device", type=device_type, default=None,
                              help="cpu, cuda or cuda:N (default: CUDA when present)")
         command.add_argument("--cache", type=output_folder, default=None,
@@ -248,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradescope also writes results.json in Gradescope's format")
     grade.add_argument("--rubric", type=rubric_file, default=None,
                        help="a rubric JSON file to use instead of the course's")
-    grade.add_argument("--workers", type=positive_int, default=2, help="notebook runs at once (default 2)")
+    grade.add_argument("--workers", type=positive_int, default=RUNS_AT_ONCE,
+                       help=f"notebook runs at once (default {RUNS_AT_ONCE})")
     grade.add_argument("--run-cache", type=output_folder, default=None,
                        help="reuse runs of byte-identical notebooks and inputs from this folder")
     common(grade)
@@ -321,6 +326,7 @@ def choose_lab(args: argparse.Namespace):
 def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What depends on several arguments; ``parser.error`` (exit 2) with one sentence."""
     from grader.lab import LabError
+    from grader.score import load_rubric
 
     try:
         lab = args.lab_object = choose_lab(args)
@@ -335,7 +341,7 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(problem)
     rubric = getattr(args, "rubric", None)
     if rubric is not None:
-        problem = rubric_problem(json.loads(rubric.read_text(encoding="utf-8")), lab)
+        problem = rubric_problem(load_rubric(rubric), lab)
         if problem:
             parser.error(f"argument --rubric: {rubric}: {problem}")
     if args.command == "batch":
@@ -481,11 +487,12 @@ def run_grade(args: argparse.Namespace) -> int:
 
 def not_graded(args: argparse.Namespace, message: str) -> dict:
     """The result of a hand-in that cannot be graded at all: 0 points, the reason as its failure."""
-    from grader.batch import failure_result, read_rubric, student_id, write_failure
+    from grader.batch import failure_result, student_id, write_failure
+    from grader.score import load_rubric
 
     print(f"slimgrade: {message}", file=sys.stderr)
     result = failure_result(student_id(args.path.resolve().name), args.profile,
-                            read_rubric(args.rubric, args.lab_object.name),
+                            load_rubric(args.rubric, args.lab_object.name),
                             " ".join(message.split()), "", 0.0,
                             bundle=args.found_bundle.to_dict())
     write_failure(Path(args.out), result, args.lab_object.name)

@@ -65,9 +65,11 @@ from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
-from grader import batch
+from grader import batch, machine
+from grader.machine import RUNS_AT_ONCE, WORKER_CORES_ENV
 from grader.prepare import PrepareError, copy_folder
-from grader.progress import Progress, duration
+from grader.progress import Progress
+from grader.score import load_rubric
 from grader.untrusted import remove_tree
 
 WORKER_LOST = batch.WORKER_LOST_KIND
@@ -76,8 +78,6 @@ WORKER_LOST = batch.WORKER_LOST_KIND
 # scheduler's own setting, 3 by default, holds for --scheduler).
 ALLOWED_FAILURES = 2
 RETRIES = 1  # a task that raised for a reason of its own (not the grading's) runs once more
-RUNS_AT_ONCE = 2  # notebook runs of one grading at once, at most (as `slimgrade grade`)
-WORKER_CORES_ENV = "SLIMGRADE_WORKER_CORES"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 CONNECT_TIMEOUT_S = 30
 POLL_S = 0.5
@@ -157,7 +157,7 @@ def local_cluster(n_workers: int = 2, cores: int | None = None, **options):
     cores shared among the workers (the tests and bench/batch.py use it)."""
     from distributed import LocalCluster
 
-    cores = cores or os.cpu_count() or 1
+    cores = cores or machine.cores()
     settings = dict(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                     dashboard_address=":0",
                     env={WORKER_CORES_ENV: str(max(1, cores // n_workers))})
@@ -305,7 +305,7 @@ def unzip_result(data: bytes, target: Path) -> None:
 
 class Shipment(WorkerPlugin):
     """A folder every worker gets once, by its content hash: the expected bundle
-    (``kind`` "bundle") or the CIFAR-10 folder (``kind`` "data").
+    (``kind`` "bundle") or the lab's data folder (``kind`` "data", ``Lab.data_folder``).
 
     ``setup`` (when the worker joins) unpacks it into the worker's cache and checks the
     hash; a cache that already holds the folder (a shared ``--cache``, an earlier batch)
@@ -454,13 +454,10 @@ _gpus_taken: list[str] = []
 
 
 def worker_cores(nthreads: int) -> int:
-    """Cores one grading of this worker may use: SLIMGRADE_WORKER_CORES or the CPUs this
-    process may run on, shared among the worker's ``nthreads`` grading slots."""
-    try:
-        cores = int(os.environ.get(WORKER_CORES_ENV, ""))
-    except ValueError:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, nthreads))
+    """Cores one grading of this worker may use: the worker's (grader.machine.cores:
+    SLIMGRADE_WORKER_CORES or the CPUs this process may run on) shared among its
+    ``nthreads`` grading slots."""
+    return max(1, machine.cores() // max(1, nthreads))
 
 
 def take_gpu() -> str | None:
@@ -618,7 +615,7 @@ def settle(task: batch.Task, exitcode: int | None, past_deadline: bool, limit_s:
         raise GradingNotStarted(f"the grading process ended before grading started "
                                 f"({batch._exit_description(exitcode)}) on {socket.gethostname()}")
     profile_name = getattr(task.profile, "name", str(task.profile))
-    rubric = batch.read_rubric(task.rubric_path, task.lab)
+    rubric = load_rubric(task.rubric_path, task.lab)
     fields = batch.bundle_fields(task.bundle)
     if past_deadline:
         batch.record_failure(task.partial, task.sid, profile_name, rubric,
@@ -822,20 +819,8 @@ class ClusterScheduler:
         return self._outcome(sid, where)
 
     def _outcome(self, sid: str, worker: str | None) -> str:
-        """One line on a finished hand-in: score, failures, time, and the worker."""
-        row = self.book.row(sid)
-        result = self.book.results.get(sid) or {}
-        failures = [f for f in batch._list(result.get("failures")) if isinstance(f, dict)]
-        took = f" in {duration(row['duration_s'])}" if row["duration_s"] is not None else ""
-        on = f" on {worker}" if worker else ""
-        if row["status"] == batch.NOT_GRADED:
-            why = batch._clip(str(failures[0].get("message") or failures[0].get("kind")), 120)
-            return f"{sid}: not graded{took}{on}: {why}"
-        if row["status"] == batch.UNREADABLE:
-            return f"{sid}: its {batch.RESULT} cannot be read"
-        runs = f", {len(failures)} failed run(s)" if failures else ""
-        return (f"{sid}: {batch._points(row['total'])}/{batch._points(row['max_total'])}"
-                f"{runs}{took}{on}")
+        """One line on a finished hand-in, and the worker it ran on."""
+        return batch.outcome_line(self.book, sid, f" on {worker}" if worker else "")
 
     # -- Ctrl-C and SIGTERM: stop, keep what is finished
 

@@ -3,7 +3,7 @@
 The lab (grader/lab.py) plans the runs and concludes from them; the harness prepares
 the hand-in, runs the notebooks (``grader.schedule``: two at a time on two cores by
 default), scores the lab's facts against the rubric and writes result.json and
-report.html. The shape of result.json is built here and only here (``result_fields``).
+report.html. The shape of result.json is built in one place (``grader.result.GradeResult``).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from typing import NamedTuple
 import torch
 
 from grader.bundles import Bundle
-from grader.result import now, result_fields
+from grader.result import GradeResult, now
 from grader.execute import STOPPING, Failure, RunResult
 from grader.lab import GradingRequest, Lab, Outcome, get_lab
+from grader.machine import RUNS_AT_ONCE, default_device
 from grader.prepare import Submission, prepare
 from grader.render import render
 from grader.runcache import RunCache
@@ -89,7 +90,7 @@ def environment(device: str) -> dict:
 
 
 def grade(submission_path: Path, out_dir: Path, profile: object, data_root: Path | None = None,
-          device: str | None = None, workers: int = 2, rubric_path: Path | None = None,
+          device: str | None = None, workers: int = RUNS_AT_ONCE, rubric_path: Path | None = None,
           cache_root: Path | None = None, keep_work: bool = False,
           on_progress: Callable[[str], None] | None = None, run_cache: Path | None = None,
           threads: int | None = None, bundle: Bundle | Path | str | None = None,
@@ -106,7 +107,7 @@ def grade(submission_path: Path, out_dir: Path, profile: object, data_root: Path
     """
     started = time.monotonic()
     lab = lab or get_lab()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     out_dir.mkdir(parents=True, exist_ok=True)
     work_root = Path(tempfile.mkdtemp(prefix="slimgrade-"))
     try:
@@ -125,7 +126,7 @@ def grade(submission_path: Path, out_dir: Path, profile: object, data_root: Path
         for run_id, result in results.items():
             if result is not None and result.executed_notebook.exists():
                 shutil.copyfile(result.executed_notebook, notebooks_dir / f"{run_id}.ipynb")
-        result = result_fields(
+        result = GradeResult(
             submission=submission.name, profile=profile.name, bundle=found.to_dict(),
             graded_at=now(), duration_s=round(time.monotonic() - started, 1),
             score=total, max_score=max_total, checks=[c.to_dict() for c in checks],
@@ -133,7 +134,7 @@ def grade(submission_path: Path, out_dir: Path, profile: object, data_root: Path
             failures=outcome.failures + missing_notebook_failures(submission),
             profile_notes=outcome.profile_notes, profile_changes=outcome.profile_changes,
             metrics=outcome.metrics, handed_in=outcome.handed_in,
-            environment=environment(device))
+            environment=environment(device)).to_dict()
         render(result, out_dir, lab.report)
         return result
     finally:

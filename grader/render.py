@@ -45,15 +45,15 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
 from markupsafe import Markup
+
+from grader.files import write_atomically
 
 if TYPE_CHECKING:
     from grader.lab import ReportSection
@@ -96,9 +96,9 @@ def render(result: dict, out_dir: Path, report: ReportSection) -> tuple[Path, Pa
 
 
 def write_result(result: dict, out_dir: Path) -> Path:
-    """out_dir/result.json, written atomically (a temporary file, then os.replace)."""
+    """out_dir/result.json, written atomically (grader.files.write_atomically)."""
     content = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False)
-    return _write_atomically(Path(out_dir) / "result.json", content + "\n")
+    return write_atomically(Path(out_dir) / "result.json", content + "\n")
 
 
 def write_report(result: dict, out_dir: Path, report: ReportSection) -> Path:
@@ -106,7 +106,7 @@ def write_report(result: dict, out_dir: Path, report: ReportSection) -> Path:
 
     The executed notebooks already in out_dir/notebooks/<run id>.ipynb are linked."""
     html = report_html(result, Path(out_dir), report)
-    return _write_atomically(Path(out_dir) / "report.html", html)
+    return write_atomically(Path(out_dir) / "report.html", html)
 
 
 def report_html(result: dict, out_dir: Path | None, report: ReportSection) -> str:
@@ -188,24 +188,6 @@ def template_environment(loader: jinja2.BaseLoader | None = None) -> jinja2.Envi
     )
     env.filters["points"] = points
     return env
-
-
-# ---------------------------------------------------------------- files
-
-def _write_atomically(path: Path, content: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is for TAs and tools to read
-        with os.fdopen(fd, "w", encoding="utf-8", errors="replace", newline="\n") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_safe(value: object) -> object:
@@ -295,10 +277,11 @@ def fraction(value: object) -> str:
     return NOT_AVAILABLE if n is None else f"{100 * n:.0f}%"
 
 
-def points(value: object) -> str:
-    """Points as the report shows them (at most 2 decimals; an en dash when missing)."""
+def points(value: object, missing: str = "\u2013") -> str:
+    """Points as the report shows them: at most 2 decimals; ``missing`` (an en dash) for
+    anything not a number."""
     n = number(value)
-    return "\u2013" if n is None else f"{round(n, 2):g}"
+    return missing if n is None else f"{round(n, 2):g}"
 
 
 def seconds(value: object) -> str:

@@ -34,6 +34,7 @@ import torch
 
 from grader.execute import Failure, RunResult, RunSpec, executed_notebook_path, run_notebook
 from grader.lab import KernelSetup, Profile
+from grader.machine import cores
 from grader.prepare import Submission
 from grader.runcache import RunCache
 from grader.sandbox import sandbox_available
@@ -118,7 +119,7 @@ def execute_all(plan: list[PlannedRun], submission: Submission, work_root: Path,
     The result holds every planned run, in plan order; None for a run that did not run.
     ``kernel`` is the lab's runtime for every kernel (None: the harness's shims only).
     """
-    threads = threads or max(1, (os.cpu_count() or 2) // workers)
+    threads = threads or max(1, cores() // workers)
     if ahead is None:
         ahead = workers if device.startswith("cuda") else 0
     gpus = visible_gpus() if device == "cuda" else []

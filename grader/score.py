@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from grader.diagnose import Diagnosis
+from grader.lab import get_lab
 
 
 @dataclass
@@ -30,8 +31,10 @@ class Check:
         return asdict(self)
 
 
-def load_rubric(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def load_rubric(path: str | Path | None, lab: str | None = None) -> dict:
+    """The rubric JSON at ``path``; without one, the default rubric of the lab named ``lab``
+    (grader.lab.get_lab). The one reader of a rubric file; cheap: it imports no torch."""
+    return json.loads(Path(path or get_lab(lab).rubric).read_text(encoding="utf-8"))
 
 
 Outcome = tuple[float | None, str]  # fraction earned (0..1; None: left to the TA), message

@@ -11,10 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The harness, lowest first: a module may import only modules that stand before it (or itself).
-HARNESS = ["grader.untrusted", "grader.runtime", "grader.sandbox", "grader.prepare", "grader.lab",
-           "grader.bundles", "grader.result", "grader.execute", "grader.runcache",
-           "grader.schedule", "grader.diagnose", "grader.score", "grader.render",
-           "grader.pipeline", "grader.progress", "grader.batch", "grader.cluster", "grader.cli"]
+HARNESS = ["grader.untrusted", "grader.files", "grader.machine", "grader.runtime",
+           "grader.sandbox", "grader.prepare", "grader.lab", "grader.bundles", "grader.result",
+           "grader.execute", "grader.runcache", "grader.schedule", "grader.diagnose", "grader.score",
+           "grader.render", "grader.pipeline", "grader.progress", "grader.batch", "grader.cluster",
+           "grader.cli"]
 # Each lab, lowest first, on top of the whole harness. A lab's trusted reference code is
 # its lowest layer and imports nothing of the harness.
 LABS = {
@@ -126,3 +127,21 @@ def test_a_lab_that_imports_the_harness_upward_is_caught(tmp_path):
     fake.write_text("from labs.slimming.lab import LAB\nif TYPE_CHECKING:\n    import labs.slimming.grading\n")
     assert project_imports(fake) == {"labs.slimming.lab", "labs.slimming.lab.LAB"}
     assert rank("labs.slimming.lab")[0] == 1 and rank("grader.pipeline")[0] == 0
+
+
+def test_result_json_keys_come_in_the_contract_order():
+    """One builder of result.json (grader.result): a grading's and a failed one's alike."""
+    from grader.batch import failure_result
+    from grader.result import GradeResult
+
+    contract = ["slimgrade_version", "submission", "profile", "bundle", "graded_at", "duration_s",
+                "score", "max_score", "manual_max_points", "checks", "diagnoses", "failures",
+                "profile_notes", "profile_changes", "metrics", "handed_in", "environment"]
+    graded = GradeResult(submission="s", profile="quick", bundle=None, graded_at="t",
+                         duration_s=1.0, score=1.0, max_score=2.0,
+                         checks=[{"status": "skip", "max_points": 40.0}], diagnoses=[],
+                         failures=[], profile_notes=[], profile_changes={}, metrics={},
+                         handed_in={}, environment={}).to_dict()
+    assert list(graded) == contract and graded["manual_max_points"] == 40.0
+    failed = failure_result("s", "quick", {"items": [{"id": "a", "points": 5}]}, "why", "", 0.0)
+    assert list(failed) == contract and failed["score"] == 0.0 and failed["max_score"] == 5.0

@@ -33,7 +33,7 @@ import json
 import keyword
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +354,176 @@ def load_program(folder: str | Path,
     return program
 
 
+# ------------------------------------------------------------------------------- running
+
+# What one call of the model may cost before the grader stops it: the tensors it allocates
+# (all of them, as if none were freed) and its work (counted FLOPs plus the elements the
+# other operations touch). A CIFAR-size ResNet-50 needs about 100 MB and 3 GFLOPs per image;
+# the batch is chosen so that a call stays well inside both.
+MAX_CALL_BYTES = 2 * 1024 ** 3
+MAX_CALL_WORK = 2 * 10 ** 12
+# One pass of the grader's (count, or accuracy over one set of images).
+MEASURE_SECONDS = 1800.0
+# Operations whose output size depends on tensor values, so that it is not known before
+# they run; each returns at most as many elements as it reads. Anything else the grader
+# cannot size ahead is not run (say, an operation that repeats by counts held in a tensor).
+_SIZED_BY_VALUES = frozenset({"nonzero", "masked_select", "index", "_unique", "_unique2",
+                              "unique_dim", "unique_consecutive", "_local_scalar_dense"})
+_METADATA_OPS = frozenset({
+    torch.ops.aten.sym_is_contiguous.default, torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format, torch.ops.aten.is_strides_like_format.default,
+    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default,
+    torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default, torch.ops.prim.layout.default})
+
+
+@dataclass
+class Work:
+    """What runs of a model cost, summed: ``flops`` as ``torch.utils.flop_counter`` counts
+    them (convolutions and matrix products), ``other`` the elements every other operation
+    touched (the largest of its inputs and outputs: an elementwise product, a sum, a
+    matrix-vector product ...), over ``images`` images."""
+
+    flops: int = 0
+    other: int = 0
+    images: int = 0
+
+    def per_image(self) -> tuple[int, int]:
+        """(flops, other) per image, rounded up."""
+        n = max(1, self.images)
+        return -(-self.flops // n), -(-self.other // n)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+class _Meter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts and bounds every aten operation of a model's run, as flop_counter sees them.
+
+    Operations flop_counter does not count are decomposed first, as it does; what then
+    runs is sized on the meta device before it runs (shapes only, no memory), so that an
+    operation that would allocate past the call's budget, or a matrix product past its
+    work budget, is refused before it starts, not after it has taken the machine's memory.
+    """
+
+    def __init__(self, work: Work, deadline: float) -> None:
+        super().__init__()
+        self.work, self.deadline = work, deadline
+        self.call_bytes = self.call_work = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import time
+
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        if func in _METADATA_OPS:
+            return NotImplemented
+        if not isinstance(func, torch._ops.OpOverload):
+            raise ExportRefused(f"The model runs {func} (not an aten operator), which the "
+                                "grader does not run.")
+        packet = func._overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                result = func.decompose(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        if time.monotonic() > self.deadline:
+            raise MeasureError(f"Measuring the model took longer than {MEASURE_SECONDS:.0f} s.")
+        returns = func._schema.returns
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in returns) \
+                or not any("Tensor" in str(r.type) for r in returns):
+            return func(*args, **kwargs)  # a view or an assertion: no memory, no work
+        planned = self._planned(func, args, kwargs)
+        if planned is None and packet.__name__ not in _SIZED_BY_VALUES:
+            raise MeasureError(f"The model runs {func} in a way whose cost the grader cannot "
+                               "know before running it.")
+        if planned is not None:
+            self._charge(func, args, kwargs, planned)
+        out = func(*args, **kwargs)
+        if planned is None:
+            self._charge(func, args, kwargs, out)
+        return out
+
+    @staticmethod
+    def _planned(func, args, kwargs):
+        """The operation's output on the meta device (shapes without data), or None."""
+        meta = torch.device("meta")
+        margs, mkwargs = torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.to(meta), (list(args), dict(kwargs)))
+        for index, argument in enumerate(func._schema.arguments):
+            if argument.name == "device":
+                if index < len(margs) and not argument.kwarg_only:
+                    margs[index] = meta
+                else:
+                    mkwargs["device"] = meta
+            elif argument.name == "pin_memory" and argument.name in mkwargs:
+                mkwargs["pin_memory"] = False
+        try:
+            return func(*margs, **mkwargs)
+        except Exception:  # noqa: BLE001 - no meta kernel, or a size that depends on values
+            return None
+
+    def _charge(self, func, args, kwargs, out) -> None:
+        from torch.utils.flop_counter import flop_registry
+
+        outputs, inputs = _tensors(out), _tensors((args, kwargs))
+        inplace = any(r.alias_info is not None for r in func._schema.returns)
+        allocated = 0 if inplace else sum(t.numel() * t.element_size() for t in outputs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            work = int(flop_registry[packet](*args, **kwargs, out_val=out))
+            self.work.flops += work
+        elif packet.__name__.startswith("empty"):
+            work = 0  # memory only
+        else:
+            work = max((t.numel() for t in inputs + outputs), default=0)
+            self.work.other += work
+        self.call_bytes += allocated
+        self.call_work += work
+        if self.call_bytes > MAX_CALL_BYTES:
+            raise MeasureError(f"One call of the model would allocate more than "
+                               f"{MAX_CALL_BYTES // MiB} MB of tensors (at {func}).")
+        if self.call_work > MAX_CALL_WORK:
+            raise MeasureError(f"One call of the model would do more than {MAX_CALL_WORK:.0e} "
+                               f"operations (at {func}).")
+
+
+class _Runner:
+    """Calls a model under a ``_Meter``: without autograd, each call within its budgets,
+    and the model's parameters, buffers and constants the same after each call as before
+    (a model that changes as it runs, say one that counts its calls, is refused)."""
+
+    def __init__(self, program: torch.export.ExportedProgram | Callable[[torch.Tensor], Any],
+                 work: Work | None = None) -> None:
+        import time
+
+        self.module = _runnable(program)
+        self.work = work if work is not None else Work()
+        self.meter = _Meter(self.work, time.monotonic() + MEASURE_SECONDS)
+        state = self.module.state_dict(keep_vars=True) \
+            if isinstance(self.module, torch.nn.Module) else {}
+        if isinstance(program, torch.export.ExportedProgram):
+            state = {**program.state_dict, **program.constants, **state}
+        self.state = {name: (t, t.detach().clone()) for name, t in state.items()
+                      if isinstance(t, torch.Tensor)}
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.meter.call_bytes = self.meter.call_work = 0
+        with torch.no_grad(), self.meter:
+            out = self.module(x)
+        changed = next((name for name, (now, before) in self.state.items()
+                        if now.shape != before.shape or not torch.equal(now, before)), None)
+        if changed is not None:
+            raise ExportRefused(f"The model changes its own {changed} when it runs; the grader "
+                                "measures models whose forward leaves them as they were.")
+        self.work.images += len(x)
+        return out
+
+
 # ------------------------------------------------------------------------------- figures
 
 @dataclass(frozen=True)
@@ -368,6 +538,14 @@ class Complexity:
     ``macs`` is ``flops // 2``, the number thop/ptflops/fvcore print and call "FLOPs".
     ``buffer_elements`` counts buffers and constants, reported so that a table kept
     outside the parameters does not go unseen.
+
+    What the conventions leave out, so that a model cannot hide in it: ``stored_elements``
+    are the elements of the buffers and constants the model's forward reads, other than
+    BatchNorm's running statistics (of a BatchNorm with its own weight); ``other_flops``
+    counts, per image, the elements touched by operations flop_counter does not count
+    (elementwise products and sums, matrix-vector products, ...). ``with_work`` raises the
+    per-image figures to what a pass over real images cost, for a model that is cheap on
+    one blank image only.
     """
 
     parameters: int
@@ -375,6 +553,14 @@ class Complexity:
     macs: int
     flops: int
     buffer_elements: int
+    stored_elements: int = 0
+    other_flops: int = 0
+
+    def with_work(self, work: Work) -> Complexity:
+        flops, other = work.per_image()
+        flops = max(self.flops, flops)
+        return replace(self, flops=flops, macs=flops // 2,
+                       other_flops=max(self.other_flops, other))
 
 
 def _runnable(program: torch.export.ExportedProgram | Callable[[torch.Tensor], Any]
@@ -388,23 +574,64 @@ def _runnable(program: torch.export.ExportedProgram | Callable[[torch.Tensor], A
                            f"({_why(error)}).") from None
 
 
+# Batch norms whose arguments 3 and 4 are the running mean and variance.
+_BATCH_NORMS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training",
+                          "_native_batch_norm_legit", "native_batch_norm",
+                          "_batch_norm_with_update", "_batch_norm_no_update"})
+
+
+def _stored_elements(program: torch.export.ExportedProgram) -> int:
+    """Elements of the buffers and constants the graph reads, less BatchNorm's running
+    statistics: a buffer read only as the running mean or variance of a batch norm whose
+    weight is a parameter of the same size (a lookup table fed to the statistics of a
+    weightless batch norm is counted)."""
+    from torch.export.graph_signature import InputKind
+
+    signature = program.graph_signature
+    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    parameters = {spec.arg.name for spec in signature.input_specs
+                  if spec.kind == InputKind.PARAMETER}
+
+    def statistic(user: torch.fx.Node, node: torch.fx.Node, numel: int) -> bool:
+        target = user.target
+        if not isinstance(target, torch._ops.OpOverload) \
+                or target._overloadpacket.__name__ not in _BATCH_NORMS:
+            return False
+        args = list(user.args)
+        weight = args[1] if len(args) > 1 else None
+        return len(args) > 4 and node in args[3:5] and node not in args[:3] + args[5:] \
+            and not any(node is v for v in user.kwargs.values()) \
+            and isinstance(weight, torch.fx.Node) and weight.name in parameters \
+            and weight.meta["val"].numel() == numel
+
+    stored = 0
+    for spec in signature.input_specs:
+        if spec.kind not in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            continue
+        node = placeholders[spec.arg.name]
+        numel = int(node.meta["val"].numel())
+        if node.users and not all(statistic(user, node, numel) for user in node.users):
+            stored += numel
+    return stored
+
+
 def count(program: torch.export.ExportedProgram) -> Complexity:
     """Parameters, buffers and FLOPs of an exported program (conventions on ``Complexity``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     signature = program.graph_signature
     parameters = sum(program.state_dict[name].numel() for name in signature.parameters)
     buffers = sum(t.numel() for name, t in {**program.state_dict, **program.constants}.items()
                   if name not in signature.parameters)
-    module = _runnable(program)
+    runner = _Runner(program)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(torch.zeros(1, *INPUT_SHAPE))
+        runner(torch.zeros(1, *INPUT_SHAPE))
+    except MeasureError:
+        raise
     except Exception as error:  # the student's graph may fail on the grader's input
         raise MeasureError(f"The model failed on one 1x3x32x32 image ({_why(error)}).") from None
-    flops = int(counter.get_total_flops())
+    flops, other = runner.work.per_image()
     return Complexity(parameters=parameters, parameter_kb=parameters * 4 / 1024,
-                      macs=flops // 2, flops=flops, buffer_elements=buffers)
+                      macs=flops // 2, flops=flops, buffer_elements=buffers,
+                      stored_elements=_stored_elements(program), other_flops=other)
 
 
 def _fixed_batch(program: Any) -> int | None:
@@ -421,36 +648,79 @@ def _fixed_batch(program: Any) -> int | None:
 
 def accuracy(program: torch.export.ExportedProgram | Callable[[torch.Tensor], Any],
              images_uint8: np.ndarray, labels: np.ndarray, mean: Sequence[float],
-             std: Sequence[float], batch_size: int = 256) -> float:
+             std: Sequence[float], batch_size: int = 256, work: Work | None = None) -> float:
     """Top-1 accuracy in percent: argmax of the logits against ``labels``.
 
     Images are uint8 NHWC, normalised with ``mean``/``std`` (the notebook's training
     normalisation, on the 0..1 scale). A program exported with a fixed batch size runs in
     batches of that size, the last one padded with zeros whose predictions are dropped.
+    Otherwise the batch is at most ``batch_size``, less for a model whose one image already
+    costs a good part of a call's budget. ``work`` (if given) adds up what the pass cost.
     """
-    module = _runnable(program)
     fixed = _fixed_batch(program)
-    step = fixed or batch_size
     targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     correct = 0
     try:
-        with torch.no_grad():
-            for start in range(0, len(targets), step):
-                x = to_tensor(images_uint8[start:start + step], mean, std)
-                real = len(x)
-                if fixed and real < fixed:
-                    x = torch.cat([x, x.new_zeros(fixed - real, *x.shape[1:])])
-                logits = module(x)
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 \
-                        or logits.shape[0] != len(x):
-                    raise MeasureError("The model does not return logits of shape (batch, "
-                                       "classes) for a batch of images.")
-                correct += int((logits[:real].argmax(1) == targets[start:start + real]).sum())
+        runner = _Runner(program, work)
+        step = fixed or batch_size
+        if not fixed and len(targets):
+            probe = _Runner(program)
+            probe(to_tensor(images_uint8[:1], mean, std))
+            per_image = probe.meter
+            step = max(1, min(batch_size, MAX_CALL_BYTES // (4 * max(1, per_image.call_bytes)),
+                              MAX_CALL_WORK // (4 * max(1, per_image.call_work))))
+        for start in range(0, len(targets), step):
+            x = to_tensor(images_uint8[start:start + step], mean, std)
+            real = len(x)
+            if fixed and real < fixed:
+                x = torch.cat([x, x.new_zeros(fixed - real, *x.shape[1:])])
+            logits = runner(x)
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 \
+                    or logits.shape[0] != len(x):
+                raise MeasureError("The model does not return logits of shape (batch, "
+                                   "classes) for a batch of images.")
+            correct += int((logits[:real].argmax(1) == targets[start:start + real]).sum())
     except MeasureError:
         raise
     except Exception as error:  # the student's graph may fail on real images
         raise MeasureError(f"The model failed on the test images ({_why(error)}).") from None
     return 100.0 * correct / max(1, len(targets))
+
+
+def perturbed(images_uint8: np.ndarray, seed: int, levels: int) -> np.ndarray:
+    """The images with every pixel moved by a random -levels..+levels of 255 (clipped)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-levels, levels + 1, size=images_uint8.shape, dtype=np.int16)
+    return np.clip(images_uint8.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def weights_mismatch(program: torch.export.ExportedProgram, weights: Any) -> str | None:
+    """The first tensor of the exported model that is none of the handed-in weights (by its
+    name, else by its value), or None when the export holds the handed-in weights.
+
+    The kernel that exported the model ran the student's code, which may have exported
+    something else than the model the weights were loaded into; the grader holds its own
+    copy of the weights file and compares."""
+    for key in ("state_dict", "model_state_dict", "model"):  # as runtime._weights unwraps
+        if isinstance(weights, dict) and isinstance(weights.get(key), dict):
+            weights = weights[key]
+            break
+    handed = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(weights, dict) else {}
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in handed.values():
+        by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+
+    for name, tensor in program.state_dict.items():
+        tensor = tensor.detach()
+        if name in handed and same(handed[name], tensor):
+            continue
+        if not any(same(other, tensor) for other in by_shape.get(tuple(tensor.shape), [])):
+            return f"{name} {tuple(tensor.shape)}"
+    return None
 
 
 # ------------------------------------------------------------------------------- claims
