@@ -578,6 +578,9 @@ def grade_in_process(task: batch.Task, limit_s: float, stop, task_file: Path
     env = {**os.environ, **{name: str(task.threads) for name in THREAD_VARIABLES},
            # what a spawned child gets: this process's import path (the grade function's module)
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # The nanny sets glibc's trim threshold low for the worker's own memory; in the grading
+    # (torch evaluating checkpoints) it returns pages to the kernel at every free.
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
     process = subprocess.Popen([sys.executable, "-c", GRADING_PROCESS, str(task_file)], env=env,
                                stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + limit_s

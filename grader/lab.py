@@ -69,6 +69,9 @@ class KernelSetup:
     # when no cell is tagged ``parameters``.
     known_parameters: tuple[str, ...] = ()
     sees: tuple[tuple[Path, str], ...] = ()
+    # Whether the kernel sees the data root (read-only): a lab that trains in the notebook
+    # needs it; one that measures on a test set must keep its labels out of the sandbox.
+    sees_data: bool = True
 
 
 @dataclass(frozen=True)

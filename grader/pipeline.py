@@ -115,7 +115,8 @@ def grade(submission_path: Path, out_dir: Path, profile: object, data_root: Path
         found = lab.resolve_bundle(profile, bundle, cache_root)
         grading = lab.start(GradingRequest(submission, work_root, profile, found, device, data_root))
         plan = grading.plan()
-        results = execute_all(plan, submission, work_root, profile, data_root, device, workers,
+        kernel_data = data_root if grading.kernel.sees_data else None
+        results = execute_all(plan, submission, work_root, profile, kernel_data, device, workers,
                               on_progress, RunCache(run_cache) if run_cache else None,
                               threads=threads, kernel=grading.kernel)
         outcome: Outcome = grading.conclude(results)

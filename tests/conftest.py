@@ -28,3 +28,14 @@ def run_cache(tmp_path_factory) -> Path:
     shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "run-cache"
     shared.mkdir(parents=True, exist_ok=True)
     return shared
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine is shared: one torch thread for a module's tests, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ from labs.lowcomplexity.export import (MANIFEST_FILE, PROGRAM_FILE, TENSORS_FILE
 from labs.lowcomplexity.reference_model import build_reference, train_reference  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one torch thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Payload:

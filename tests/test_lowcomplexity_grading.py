@@ -71,3 +71,27 @@ def test_a_hand_in_says_which_lab_it_is(tmp_path):
     assert lab_of(slimming).name == "slimming"
     assert lab_of(tmp_path, several=True).name == "slimming"  # a tie: the default lab
     assert get_lab("lowcomplexity").hand_in_skips == ()  # the weights are handed in
+
+
+def test_the_test_set_stays_out_of_the_sandbox_and_a_regrade_measures_the_same(tmp_path):
+    from labs.lowcomplexity.grading import hand_in_seed
+
+    assert kernel_setup("model.pth").sees_data is False  # CIFAR-100's test labels never mounted
+    notebook, weights = tmp_path / "lowcomplexity.ipynb", tmp_path / "model.pth"
+    notebook.write_text("{}")
+    weights.write_bytes(b"weights")
+    first = hand_in_seed(notebook, weights)
+    assert hand_in_seed(notebook, weights) == first
+    weights.write_bytes(b"other weights")
+    assert hand_in_seed(notebook, weights) != first
+
+
+def test_every_lab5_diagnosis_is_documented():
+    import re
+    from pathlib import Path
+
+    from labs.lowcomplexity.diagnoses import CATALOGUE
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "lab5-diagnoses.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", docs, flags=re.M))
+    assert documented == {entry.id for entry in CATALOGUE.entries}

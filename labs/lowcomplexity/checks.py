@@ -12,8 +12,8 @@ from __future__ import annotations
 from grader.diagnose import Diagnosis
 from grader.render import as_dict, number
 from grader.score import Checks, Outcome
-from labs.lowcomplexity.diagnoses import (DISHONEST, FIGURE_WORDS, NOT_MEASURED, claim_check,
-                                          measured_figures)
+from labs.lowcomplexity.diagnoses import (DISHONEST, FIGURE_WORDS, NOT_MEASURED, budget_figures,
+                                          claim_check, credited_accuracy, measured_figures)
 
 RUNS = ("export",)  # the one run of labs.lowcomplexity.grading (its RUN)
 # complexity earns nothing below this share of the accuracy threshold: a model that does
@@ -73,13 +73,20 @@ def accuracy(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Outc
     threshold = _threshold(rubric, "accuracy_threshold_pct", evaluation)
     if threshold is None:
         return _unset("accuracy_threshold_pct", evaluation)
-    measured = measured_figures(evaluation)
-    if measured is None:
+    value = credited_accuracy(evaluation)
+    if value is None:
         return 0.0, _not_measured(diagnoses)
-    value = measured["accuracy_pct"]
     passed = value >= threshold
-    return (1.0 if passed else 0.0, f"{value:.2f} % top-1 on the test set, "
+    measured = float(measured_figures(evaluation)["accuracy_pct"])
+    credited = "" if value == measured else \
+        f" credited (the test set gives {measured:.2f} %, see {', '.join(_lowered(diagnoses))})"
+    return (1.0 if passed else 0.0, f"{value:.2f} % top-1{credited or ' on the test set'}, "
             f"{'at or above' if passed else 'below'} the threshold of {threshold:g} %.")
+
+
+def _lowered(diagnoses: list[Diagnosis]) -> list[str]:
+    return [d.id for d in diagnoses if d.id in ("fragile-accuracy", "learnt-the-test-set")] \
+        or ["the diagnoses"]
 
 
 @check("complexity", RUNS)
@@ -94,16 +101,22 @@ def complexity(evaluation: dict, diagnoses: list[Diagnosis], rubric: dict) -> Ou
     if measured is None:
         return 0.0, _not_measured(diagnoses)
     floor = MIN_ACCURACY_SHARE * budgets["accuracy_threshold_pct"]
-    if measured["accuracy_pct"] < floor:
-        return 0.0, (f"{measured['accuracy_pct']:.2f} % top-1 is below {floor:g} %, half the "
+    credited = credited_accuracy(evaluation)
+    if credited < floor:
+        return 0.0, (f"{credited:.2f} % top-1 is below {floor:g} %, half the "
                      "accuracy threshold: a model that does not classify earns nothing for "
                      "being small.")
+    # What the model keeps outside its parameters, and computes where flop_counter does not
+    # look, counts too (hidden-parameters, uncounted-compute).
+    held = dict(zip(("parameters", "macs"), budget_figures(measured)))
     parts, earned = [], 0.0
-    for figure, key, words in (("parameters", "max_parameters", "parameters"),
-                               ("macs", "max_macs", "MACs")):
-        within = measured[figure] <= budgets[key]
+    for figure, key, words, extra in (("parameters", "max_parameters", "parameters",
+                                       "with buffers and constants"),
+                                      ("macs", "max_macs", "MACs", "with uncounted work")):
+        within = held[figure] <= budgets[key]
         earned += 0.5 * within
-        parts.append(f"{int(measured[figure]):,} {words} ({'within' if within else 'over'} "
+        counted = f" {extra}" if held[figure] != measured[figure] else ""
+        parts.append(f"{held[figure]:,} {words}{counted} ({'within' if within else 'over'} "
                      f"the budget of {budgets[key]:,.0f})")
     return earned, " and ".join(parts) + "."
 

@@ -32,6 +32,20 @@ IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # no Normalize: inputs on the 0..
 # over-budget: this many times the reference model's MACs or parameters, and not more
 # accurate than it, is complexity that buys nothing.
 OVER_REFERENCE = 10.0
+# Noise added to every pixel of the test images (at most this many levels of 255, a fresh
+# seed per grading) for a second accuracy. A model that sees the images loses almost
+# nothing (the lab's models: under a point); one that recognises the exact test images
+# (a hash of their pixels, their position in a batch) loses everything.
+NOISE_LEVELS = 4
+FRAGILE_DROP_PCT = 10.0
+# Buffers and constants the forward reads (BatchNorm's running statistics aside) count
+# towards the parameter budget; past this share of the parameters (and this many
+# elements) they are named, as a model kept outside its parameters.
+STORED_SHARE, STORED_FLOOR = 0.1, 4096
+# Operations flop_counter does not count (elementwise products and sums, matrix-vector
+# products) touch 0.2 to 3 % as many elements as the lab's models have FLOPs; past this
+# share the excess counts towards the MACs budget (as 2 per MAC), and is named.
+UNCOUNTED_SHARE, UNCOUNTED_FLOOR = 0.25, 100_000
 CANDIDATES_SHOWN = 5
 WHY_CHARS = 400
 FIGURE_WORDS = {"flops": "FLOPs", "parameter_kb": "parameter size", "accuracy_pct": "accuracy"}
@@ -39,9 +53,10 @@ EXAMPLES = {"flops": "flops = 31269888", "parameter_kb": "Model parameter size =
             "accuracy_pct": "Accuracy = 90.39 %"}
 # The findings that explain why no model was measured, in the order they happen.
 NOT_MEASURED = ("weights-missing", "weights-refused", "weights-do-not-fit", "not-exportable",
-                "export-refused", "measure-failed")
+                "export-refused", "export-not-the-weights", "measure-failed")
 # The findings that say the printed accuracy is not a test accuracy.
-DISHONEST = ("evaluated-on-train", "test-transform-differs")
+DISHONEST = ("evaluated-on-train", "test-transform-differs", "fragile-accuracy",
+             "learnt-the-test-set")
 
 CATALOGUE = Catalogue()
 diagnosis = CATALOGUE.diagnosis  # @diagnosis(id, stage, hint, severity) registers below
@@ -67,6 +82,60 @@ def _claim_line(evaluation: dict, figure: str) -> str:
     line = claim_check(evaluation, figure).get("evidence") or \
         as_dict(as_dict(evaluation.get("claims")).get("lines")).get(figure)
     return f'printed: "{text(line, 200)}"' if line else "printed line not recorded"
+
+
+def stored_elements(measured: dict) -> int:
+    """Elements of the buffers and constants the model reads beyond BatchNorm's statistics."""
+    return int(number(measured.get("stored_elements")) or 0)
+
+
+def uncounted_flops(measured: dict) -> int:
+    """Work flop_counter did not count, beyond the share ordinary layers account for."""
+    other, flops = number(measured.get("other_flops")) or 0, number(measured.get("flops")) or 0
+    excess = other - UNCOUNTED_SHARE * flops
+    return int(excess) if excess > UNCOUNTED_FLOOR else 0
+
+
+def budget_figures(measured: dict) -> tuple[int, int]:
+    """(parameters, MACs) held against the budgets: the parameters with the stored
+    elements, the MACs with the uncounted work beyond its share (2 per MAC)."""
+    return (int(measured["parameters"]) + stored_elements(measured),
+            int(measured["macs"]) + uncounted_flops(measured) // 2)
+
+
+def fragile(evaluation: dict) -> tuple[float, float] | None:
+    """(test accuracy, accuracy on the noisy test images) when the noise costs more than
+    FRAGILE_DROP_PCT points; None otherwise."""
+    measured = measured_figures(evaluation) or {}
+    clean, noisy = number(measured.get("accuracy_pct")), number(measured.get("noisy_accuracy_pct"))
+    if clean is None or noisy is None or clean - noisy <= FRAGILE_DROP_PCT:
+        return None
+    return clean, noisy
+
+
+def above_train(evaluation: dict) -> tuple[float, float] | None:
+    """(test accuracy, accuracy on training images) when the test accuracy is more than
+    TRAIN_GAP_PCT points above the training one: no model classifies images it never saw
+    better than those it learnt from, unless the test images are what it learnt."""
+    measured = measured_figures(evaluation) or {}
+    test, train = number(measured.get("accuracy_pct")), number(measured.get("train_accuracy_pct"))
+    if test is None or train is None or test - train <= TRAIN_GAP_PCT:
+        return None
+    return test, train
+
+
+def credited_accuracy(evaluation: dict) -> float | None:
+    """The accuracy the rubric credits: the test accuracy, less when the model only knows
+    the exact test images (fragile-accuracy: the accuracy with noise) or knows the test
+    images better than its training images (learnt-the-test-set: the training accuracy)."""
+    measured = measured_figures(evaluation)
+    if measured is None:
+        return None
+    credited = float(measured["accuracy_pct"])
+    for found in (fragile(evaluation), above_train(evaluation)):
+        if found is not None:
+            credited = min(credited, found[1])
+    return credited
 
 
 def trained_accuracy(evaluation: dict) -> tuple[float, float, float] | None:
@@ -195,12 +264,25 @@ def export_refused(evaluation: dict) -> Finding | None:
             [text(measured.get("error"), WHY_CHARS) or "no reason given"])
 
 
+@diagnosis("export-not-the-weights", STAGE,
+           "Let the notebook's definitions only define: no code that runs when a class is "
+           "defined, no change to the grader's export, and a model whose forward uses the "
+           "weights it was loaded with.")
+def export_not_the_weights(evaluation: dict) -> Finding | None:
+    measured = as_dict(evaluation.get("measured"))
+    if measured.get("not_the_weights") is not True:
+        return None
+    return ("The model the notebook exported is not the one the handed-in weights were loaded "
+            "into, so it was not measured.", [text(measured.get("error"), WHY_CHARS)])
+
+
 @diagnosis("measure-failed", STAGE,
            "forward must take a float batch N x 3 x 32 x 32 and return logits N x 100; try it "
            "on a batch of test images in the notebook.")
 def measure_failed(evaluation: dict) -> Finding | None:
     measured = as_dict(evaluation.get("measured"))
-    if not measured.get("error") or measured.get("refused") is True:
+    if not measured.get("error") or measured.get("refused") is True \
+            or measured.get("not_the_weights") is True:
         return None
     return ("The exported model could not be measured.", [text(measured["error"], WHY_CHARS)])
 
@@ -296,6 +378,41 @@ def test_transform_differs(evaluation: dict) -> Finding | None:
             f"training transform {text(train, 100)}.", evidence)
 
 
+@diagnosis("fragile-accuracy", STAGE,
+           "Classify what the images show, not which images they are: a model that looks up "
+           "the test images (by their pixels, their order or their batch) has learnt nothing "
+           "the rubric credits.")
+def fragile_accuracy(evaluation: dict) -> Finding | None:
+    found = fragile(evaluation)
+    if found is None:
+        return None
+    clean, noisy = found
+    levels = number(as_dict(evaluation.get("measured")).get("noise_levels")) or NOISE_LEVELS
+    return (f"Moving each pixel of the test images by at most {levels:g}/255, noise nobody can "
+            f"see, drops your model's accuracy from {clean:.2f} % to {noisy:.2f} %: it "
+            "recognises the exact test images rather than what they show, so the rubric "
+            "credits the accuracy on the noisy images.",
+            [f"the grader's top-1 accuracy on the test set: {clean:.2f} %",
+             f"on the same images with noise of at most {levels:g}/255 per pixel: {noisy:.2f} % "
+             f"(more than {FRAGILE_DROP_PCT:g} points lower)"])
+
+
+@diagnosis("learnt-the-test-set", STAGE,
+           "Train on the training set only, and classify with what the model learnt from it: "
+           "test images kept in the model (a table of them, or training on them) make the test "
+           "accuracy say nothing about the model.")
+def learnt_the_test_set(evaluation: dict) -> Finding | None:
+    found = above_train(evaluation)
+    if found is None:
+        return None
+    test, train = found
+    return (f"Your model is {test - train:.1f} points more accurate on the test images "
+            f"({test:.2f} %) than on training images ({train:.2f} %): it knows the test set, "
+            "so the rubric credits the accuracy on training images.",
+            [f"the grader's top-1 accuracy on the test set: {test:.2f} %",
+             f"the grader's top-1 accuracy on training images: {train:.2f} %"])
+
+
 @diagnosis("macs-called-flops", STAGE,
            "Nothing to fix: the figure holds in its tool's convention. Say which tool counted "
            "it, since the same model is N \"FLOPs\" in thop and 2N in torch.utils.flop_counter.",
@@ -334,3 +451,43 @@ def over_budget(evaluation: dict) -> Finding | None:
              f"{measured['accuracy_pct']:.2f} % top-1",
              f"the reference: {int(ref['parameters']):,} parameters, {int(ref['macs']):,} MACs, "
              f"{ref['accuracy_pct']:.2f} % top-1"])
+
+
+@diagnosis("hidden-parameters", STAGE,
+           "Keep what the model learns in nn.Parameter tensors, where the lab counts it. A "
+           "table in a buffer or a tensor attribute is part of the model's size all the same "
+           "(pruning masks too: apply them with torch.nn.utils.prune.remove before saving).",
+           severity="warning")
+def hidden_parameters(evaluation: dict) -> Finding | None:
+    """A warning: the complexity item already holds the stored elements against the budget."""
+    measured = measured_figures(evaluation)
+    if measured is None:
+        return None
+    stored, parameters = stored_elements(measured), int(measured["parameters"])
+    if stored <= max(STORED_FLOOR, STORED_SHARE * parameters):
+        return None
+    return (f"Your model's forward reads {stored:,} numbers kept outside its parameters "
+            f"(buffers or tensor constants, BatchNorm's running statistics aside), next to "
+            f"{parameters:,} parameters: the grader holds both against the parameter budget.",
+            [f"parameters: {parameters:,}", f"buffer and constant elements the forward reads, "
+                                            f"beyond BatchNorm's statistics: {stored:,}"])
+
+
+@diagnosis("uncounted-compute", STAGE,
+           "Compute with convolutions and matrix products (nn.Conv2d, nn.Linear, @): an "
+           "elementwise product summed up, or a matrix-vector product, is the same work "
+           "whether or not a FLOP counter sees it.",
+           severity="warning")
+def uncounted_compute(evaluation: dict) -> Finding | None:
+    """A warning: the complexity item already holds the excess against the MACs budget."""
+    measured = measured_figures(evaluation)
+    if measured is None or not uncounted_flops(measured):
+        return None
+    other, flops = int(number(measured.get("other_flops")) or 0), int(measured["flops"])
+    _, macs = budget_figures(measured)
+    return (f"Per image, your model's operations that torch.utils.flop_counter does not count "
+            f"touch {other:,} elements, against {flops:,} counted FLOPs; ordinary layers stay "
+            f"under {UNCOUNTED_SHARE:.0%} of the counted FLOPs, and the grader counts the rest "
+            f"as work: {macs:,} MACs against the budget.",
+            [f"counted by flop_counter: {flops:,} FLOPs ({int(measured['macs']):,} MACs)",
+             f"elements touched by the other operations: {other:,}"])

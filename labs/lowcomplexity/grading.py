@@ -14,9 +14,12 @@ claims with all of it.
 from __future__ import annotations
 
 import ast
+import hashlib
+import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 
 from grader.bundles import read_manifest
 from grader.execute import RunResult, parse_cell, read_notebook
@@ -25,11 +28,12 @@ from grader.pipeline import split_failures
 from grader.prepare import Submission
 from grader.schedule import PlannedRun
 from grader.untrusted import (CheckpointLimits, MiB, UntrustedFileError, load_checkpoint,
-                              regular_file_problem)
+                              read_bytes, regular_file_problem)
 from labs.lowcomplexity.bundle import load_data
-from labs.lowcomplexity.diagnoses import ACCURACY_TOLERANCE_PCT, CATALOGUE
-from labs.lowcomplexity.measure import (MeasureError, accuracy, claims_from_outputs,
-                                        compare_claims, count, load_program)
+from labs.lowcomplexity.diagnoses import ACCURACY_TOLERANCE_PCT, CATALOGUE, NOISE_LEVELS
+from labs.lowcomplexity.measure import (MEASURE_SECONDS, ExportRefused, MeasureError, Work,
+                                        accuracy, claims_from_outputs, compare_claims, count,
+                                        load_program, perturbed, weights_mismatch)
 from labs.lowcomplexity.profiles import Profile
 from labs.lowcomplexity.runtime import EXPORT_DIR, EXPORT_KEY, MODEL_KEY, TRANSFORMS_KEY, WEIGHTS_KEY
 
@@ -54,7 +58,7 @@ KERNEL_SEES = (
 
 def kernel_setup(weights: str | None) -> KernelSetup:
     return KernelSetup(runtime="labs.lowcomplexity.runtime", config={"weights": weights},
-                       sees=KERNEL_SEES)
+                       sees=KERNEL_SEES, sees_data=False)
 
 
 def definitions_only(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -115,6 +119,78 @@ def find_weights(submission: Submission) -> Path | None:
     return found[0] if found else None
 
 
+def hand_in_seed(*files: Path | None) -> int:
+    """The seed of a grading's test order, noise and training sample: from the bytes of the
+    hand-in, so a regrade gives the same figures, and a model cannot carry answers for the
+    seed its own weights decide."""
+    digest = hashlib.sha256()
+    for path in files:
+        if path is not None:
+            try:
+                digest.update(read_bytes(path, WEIGHT_LIMITS.max_file_bytes))
+            except UntrustedFileError:
+                digest.update(b"unreadable")
+    return int.from_bytes(digest.digest()[:4], "big")
+
+
+def measure_export(folder: Path, base: Path, data, transforms: dict, claims,
+                   train_sample: int, weights: object, seed: int) -> dict:
+    """The ``measured`` and ``claim_checks`` of an evaluation, from the export in ``folder``.
+
+    ``weights`` is the grader's own load of the handed-in weights: the export must hold
+    them (the kernel ran the student's code and may have exported another model).
+    ``seed`` (``hand_in_seed``, recorded) orders the test images, draws the training
+    images measured and the noise added to the test images for a second accuracy, so that
+    no model can know ahead which image comes where, or what the noisy images are. All the
+    runs of the model share one deadline, MEASURE_SECONDS from the start.
+    """
+    deadline = time.monotonic() + MEASURE_SECONDS
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data.test.labels))
+    test_images, test_labels = data.test.images[order], data.test.labels[order]
+    sample = np.sort(rng.choice(len(data.train.labels), min(train_sample, len(data.train.labels)),
+                                replace=False))
+    try:
+        program = load_program(folder, base)
+        mismatch = weights_mismatch(program, weights)
+        if mismatch is not None:
+            return {"measured": {
+                "error": (f"the exported model holds {mismatch}, which is not in the handed-in "
+                          "weights: the notebook exported another model than the one the "
+                          "weights were loaded into"),
+                "refused": False, "not_the_weights": True}}
+        complexity = count(program, deadline)
+        mean, std = transforms["used"]["mean"], transforms["used"]["std"]
+        work = Work()
+        test = accuracy(program, test_images, test_labels, mean, std, work=work,
+                        deadline=deadline)
+        complexity = complexity.with_work(work)
+        noisy = accuracy(program, perturbed(test_images, seed, NOISE_LEVELS), test_labels,
+                         mean, std, deadline=deadline)
+        train = accuracy(program, data.train.images[sample], data.train.labels[sample],
+                         mean, std, deadline=deadline)
+        as_tested = None
+        tested = transforms.get("test_normalize")
+        if tested is not None and (tested["mean"], tested["std"]) != (mean, std):
+            as_tested = accuracy(program, test_images, test_labels, tested["mean"],
+                                 tested["std"], deadline=deadline)
+    except MeasureError as error:
+        return {"measured": {"error": str(error), "refused": isinstance(error, ExportRefused)}}
+    measured = {"parameters": complexity.parameters, "parameter_kb": complexity.parameter_kb,
+                "macs": complexity.macs, "flops": complexity.flops,
+                "buffer_elements": complexity.buffer_elements,
+                "stored_elements": complexity.stored_elements,
+                "other_flops": complexity.other_flops, "accuracy_pct": test,
+                "noisy_accuracy_pct": noisy, "noise_levels": NOISE_LEVELS, "seed": seed,
+                "train_accuracy_pct": train, "accuracy_with_test_transform_pct": as_tested,
+                "test_images": len(test_labels)}
+    checks = [] if claims is None else [
+        {"figure": c.figure, "claimed": c.claimed, "measured": c.measured,
+         "convention": c.convention, "ok": c.ok, "evidence": c.evidence}
+        for c in compare_claims(claims, complexity, test, ACCURACY_TOLERANCE_PCT)]
+    return {"measured": measured, "claim_checks": checks}
+
+
 class LowComplexityGrading:
     """One hand-in: the weights checked, the definitions run and exported, the model measured."""
 
@@ -126,9 +202,11 @@ class LowComplexityGrading:
         self.notebook = submission.notebooks.get(NOTEBOOK)
         self.weights = find_weights(submission)
         self.weights_problem = None
+        self.handed_weights: object = None  # the grader's own load, to check the export by
         if self.weights is not None:
             try:  # refused here, a pickle payload never reaches even the kernel
-                load_checkpoint(self.weights, WEIGHT_LIMITS, submission.root)
+                self.handed_weights = load_checkpoint(self.weights, WEIGHT_LIMITS,
+                                                      submission.root)
             except UntrustedFileError as error:
                 self.weights_problem = str(error)
         usable = self.weights is not None and self.weights_problem is None
@@ -190,32 +268,10 @@ class LowComplexityGrading:
     def _measure(self, result: RunResult, transforms: dict, claims) -> dict:
         """The grader's own figures: complexity on the graph, accuracy from the logits."""
         work_dir = self.request.work_root / RUN
-        try:
-            program = load_program(work_dir / EXPORT_DIR, work_dir)
-            complexity = count(program)
-            data = load_data(self.profile, self.request.data_root)
-            mean, std = transforms["used"]["mean"], transforms["used"]["std"]
-            test = accuracy(program, data.test.images, data.test.labels, mean, std)
-            sample = slice(0, self.profile.train_sample)
-            train = accuracy(program, data.train.images[sample], data.train.labels[sample],
-                             mean, std)
-            as_tested = None
-            tested = transforms.get("test_normalize")
-            if tested is not None and (tested["mean"], tested["std"]) != (mean, std):
-                as_tested = accuracy(program, data.test.images, data.test.labels,
-                                     tested["mean"], tested["std"])
-        except MeasureError as error:
-            return {"measured": {"error": str(error), "refused": type(error).__name__ == "ExportRefused"}}
-        measured = {"parameters": complexity.parameters, "parameter_kb": complexity.parameter_kb,
-                    "macs": complexity.macs, "flops": complexity.flops,
-                    "buffer_elements": complexity.buffer_elements, "accuracy_pct": test,
-                    "train_accuracy_pct": train, "accuracy_with_test_transform_pct": as_tested,
-                    "test_images": len(data.test.labels)}
-        checks = [] if claims is None else [
-            {"figure": c.figure, "claimed": c.claimed, "measured": c.measured,
-             "convention": c.convention, "ok": c.ok, "evidence": c.evidence}
-            for c in compare_claims(claims, complexity, test, ACCURACY_TOLERANCE_PCT)]
-        return {"measured": measured, "claim_checks": checks}
+        data = load_data(self.profile, self.request.data_root)
+        return measure_export(work_dir / EXPORT_DIR, work_dir, data, transforms, claims,
+                              self.profile.train_sample, self.handed_weights,
+                              hand_in_seed(self.notebook, self.weights))
 
     def _changes(self) -> dict:
         data = ("100 classes made from scikit-learn's bundled digits, in CIFAR-100's format, "

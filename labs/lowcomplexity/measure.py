@@ -23,14 +23,21 @@ them is unpickled beyond tensors, and nothing in them becomes code before it is 
   ``torch.load`` itself; ``torch.export.load`` (which falls back to full pickle) is
   never used.
 
-Running the checked program can still cost memory and time (an aten op may allocate a
-huge tensor): run measurements in a process with limits, as for any student code.
+Running the checked program could still cost memory and time (an aten op may allocate a
+huge tensor, a matrix product may take hours), and the program may try to be measured as
+something else than it is. Every run goes through ``_Meter`` and ``_Runner``: each
+operation is sized on the meta device before it runs, a call past ``MAX_CALL_BYTES`` or
+``MAX_CALL_WORK`` and a pass past ``MEASURE_SECONDS`` are stopped, operations whose work
+is not counted are refused, and so is a model whose parameters, buffers or constants
+change as it runs. The figures count what flop_counter's convention leaves out
+(``Complexity.stored_elements``, ``other_flops``) and what a pass over real images cost.
 """
 from __future__ import annotations
 
 import ast
 import json
 import keyword
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -358,11 +365,13 @@ def load_program(folder: str | Path,
 
 # What one call of the model may cost before the grader stops it: the tensors it allocates
 # (all of them, as if none were freed) and its work (counted FLOPs plus the elements the
-# other operations touch). A CIFAR-size ResNet-50 needs about 100 MB and 3 GFLOPs per image;
-# the batch is chosen so that a call stays well inside both.
+# other operations touch; a minute or two of one core at most). A CIFAR-size ResNet-50 needs
+# about 100 MB and 3 GFLOPs per image; the batch is chosen so that a call stays well inside
+# both.
 MAX_CALL_BYTES = 2 * 1024 ** 3
-MAX_CALL_WORK = 2 * 10 ** 12
-# One pass of the grader's (count, or accuracy over one set of images).
+MAX_CALL_WORK = 5 * 10 ** 11
+# A measurement (count, or accuracy over one set of images) unless its caller gives one
+# deadline for all of them; checked before every operation.
 MEASURE_SECONDS = 1800.0
 # Operations whose output size depends on tensor values, so that it is not known before
 # they run; each returns at most as many elements as it reads. Anything else the grader
@@ -377,6 +386,62 @@ _METADATA_OPS = frozenset({
     torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default,
     torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default,
     torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default, torch.ops.prim.layout.default})
+
+
+# Operations whose work is not bounded by the elements they read and write (a matrix
+# product reads n*m + m*k numbers and does n*m*k multiply-adds): those flop_counter counts,
+# those with a formula below, and these, which no lab model needs and the grader does not
+# run (a matrix product by another name, a solver, a backend's private convolution).
+_DENIED_WORDS = frozenset({"mm", "bmm", "mv", "dot", "conv", "convolution", "solve", "cholesky",
+                           "svd", "qr", "eig", "eigh", "eigvals", "eigvalsh", "inverse", "inv",
+                           "det", "slogdet", "logdet", "lstsq", "pinv", "lu", "matrix",
+                           "trilinear", "bilinear", "linalg", "pack", "sparse", "mkldnn",
+                           "nnpack", "fbgemm", "cudnn", "miopen", "tensordot", "kron",
+                           "einsum", "cdist", "pdist", "attention"})
+_ALLOWED_NAMES = frozenset({"linalg_vector_norm"})
+
+
+def _work_of(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, bool]:
+    """(work, counted): flop_counter's FLOPs for what it counts (``counted``), else a FLOP
+    equivalent: 2 per multiply-add of a matrix-vector product, a pooling window's elements
+    per output, and for the rest the most elements the operation reads or writes."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func._overloadpacket
+    name = packet.__name__
+    base = getattr(torch.ops.aten, name.rstrip("_"), None) if name.endswith("_") else packet
+    if base in flop_registry:  # addmm_ is addmm's work, though flop_counter misses it
+        return int(flop_registry[base](*args, **kwargs, out_val=out)), base is packet
+    outputs, inputs = _tensors(out), _tensors((args, kwargs))
+    core = name.strip("_")
+    if core in ("mv", "dot", "vdot"):
+        return 2 * max(t.numel() for t in inputs), False
+    if core == "addmv":
+        return 2 * args[1].numel(), False
+    if core in ("int_mm", "addmm_activation"):
+        a, b = (args[0], args[1]) if core == "int_mm" else (args[1], args[2])
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1], False
+    if core == "addbmm":
+        return 2 * args[1].shape[0] * args[1].shape[1] * args[1].shape[2] * args[2].shape[2], False
+    if core.startswith("scaled_dot_product") and "backward" not in core:
+        # CPU attention, which flop_counter misses: the work its GPU kernels are counted at
+        formula = flop_registry[torch.ops.aten._scaled_dot_product_flash_attention]
+        return int(formula(*args[:3], out_val=out)), False
+    if core in ("cdist_forward", "pdist_forward", "euclidean_dist"):
+        return 3 * outputs[0].numel() * args[0].shape[-1], False
+    pool = re.fullmatch(r"(?:max|avg)_pool([123])d(?:_with_indices)?", core)
+    if pool:
+        size, dims = list(args[1]), int(pool.group(1))
+        area = math.prod(size) if len(size) == dims else size[0] ** dims
+        return outputs[0].numel() * max(1, area), False
+    words = set(core.split("_")) | {core}
+    if name not in _ALLOWED_NAMES and (words & _DENIED_WORDS or "conv" in core or "mm" in core):
+        raise ExportRefused(f"The model runs {func}, whose work the grader does not count; "
+                            "use convolutions, matrix products (@, nn.Linear) and elementwise "
+                            "operations.")
+    if name.startswith("empty"):
+        return 0, False  # memory only
+    return max((t.numel() for t in inputs + outputs), default=0), False
 
 
 @dataclass
@@ -394,6 +459,16 @@ class Work:
         """(flops, other) per image, rounded up."""
         n = max(1, self.images)
         return -(-self.flops // n), -(-self.other // n)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and values once ``a`` is cast to ``b``'s dtype (NaN equal to NaN)."""
+    if a.shape != b.shape:
+        return False
+    a = a.detach().to(b.dtype)
+    if not b.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -468,19 +543,12 @@ class _Meter(torch.utils._python_dispatch.TorchDispatchMode):
             return None
 
     def _charge(self, func, args, kwargs, out) -> None:
-        from torch.utils.flop_counter import flop_registry
-
-        outputs, inputs = _tensors(out), _tensors((args, kwargs))
         inplace = any(r.alias_info is not None for r in func._schema.returns)
-        allocated = 0 if inplace else sum(t.numel() * t.element_size() for t in outputs)
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            work = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        allocated = 0 if inplace else sum(t.numel() * t.element_size() for t in _tensors(out))
+        work, counted = _work_of(func, args, kwargs, out)
+        if counted:
             self.work.flops += work
-        elif packet.__name__.startswith("empty"):
-            work = 0  # memory only
         else:
-            work = max((t.numel() for t in inputs + outputs), default=0)
             self.work.other += work
         self.call_bytes += allocated
         self.call_work += work
@@ -498,12 +566,13 @@ class _Runner:
     (a model that changes as it runs, say one that counts its calls, is refused)."""
 
     def __init__(self, program: torch.export.ExportedProgram | Callable[[torch.Tensor], Any],
-                 work: Work | None = None) -> None:
+                 work: Work | None = None, deadline: float | None = None) -> None:
         import time
 
         self.module = _runnable(program)
         self.work = work if work is not None else Work()
-        self.meter = _Meter(self.work, time.monotonic() + MEASURE_SECONDS)
+        self.meter = _Meter(self.work, deadline if deadline is not None
+                            else time.monotonic() + MEASURE_SECONDS)
         state = self.module.state_dict(keep_vars=True) \
             if isinstance(self.module, torch.nn.Module) else {}
         if isinstance(program, torch.export.ExportedProgram):
@@ -516,7 +585,7 @@ class _Runner:
         with torch.no_grad(), self.meter:
             out = self.module(x)
         changed = next((name for name, (now, before) in self.state.items()
-                        if now.shape != before.shape or not torch.equal(now, before)), None)
+                        if now.dtype != before.dtype or not _same_values(now, before)), None)
         if changed is not None:
             raise ExportRefused(f"The model changes its own {changed} when it runs; the grader "
                                 "measures models whose forward leaves them as they were.")
@@ -615,13 +684,14 @@ def _stored_elements(program: torch.export.ExportedProgram) -> int:
     return stored
 
 
-def count(program: torch.export.ExportedProgram) -> Complexity:
-    """Parameters, buffers and FLOPs of an exported program (conventions on ``Complexity``)."""
+def count(program: torch.export.ExportedProgram, deadline: float | None = None) -> Complexity:
+    """Parameters, buffers and FLOPs of an exported program (conventions on ``Complexity``);
+    ``deadline`` (time.monotonic()) defaults to MEASURE_SECONDS from now."""
     signature = program.graph_signature
     parameters = sum(program.state_dict[name].numel() for name in signature.parameters)
     buffers = sum(t.numel() for name, t in {**program.state_dict, **program.constants}.items()
                   if name not in signature.parameters)
-    runner = _Runner(program)
+    runner = _Runner(program, deadline=deadline)
     try:
         runner(torch.zeros(1, *INPUT_SHAPE))
     except MeasureError:
@@ -648,27 +718,29 @@ def _fixed_batch(program: Any) -> int | None:
 
 def accuracy(program: torch.export.ExportedProgram | Callable[[torch.Tensor], Any],
              images_uint8: np.ndarray, labels: np.ndarray, mean: Sequence[float],
-             std: Sequence[float], batch_size: int = 256, work: Work | None = None) -> float:
+             std: Sequence[float], batch_size: int = 256, work: Work | None = None,
+             deadline: float | None = None) -> float:
     """Top-1 accuracy in percent: argmax of the logits against ``labels``.
 
     Images are uint8 NHWC, normalised with ``mean``/``std`` (the notebook's training
     normalisation, on the 0..1 scale). A program exported with a fixed batch size runs in
     batches of that size, the last one padded with zeros whose predictions are dropped.
     Otherwise the batch is at most ``batch_size``, less for a model whose one image already
-    costs a good part of a call's budget. ``work`` (if given) adds up what the pass cost.
+    costs a good part of a call's budget. ``work`` (if given) adds up what the pass cost;
+    ``deadline`` (time.monotonic()) defaults to MEASURE_SECONDS from now.
     """
     fixed = _fixed_batch(program)
     targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     correct = 0
     try:
-        runner = _Runner(program, work)
+        runner = _Runner(program, Work(), deadline)
         step = fixed or batch_size
-        if not fixed and len(targets):
-            probe = _Runner(program)
-            probe(to_tensor(images_uint8[:1], mean, std))
-            per_image = probe.meter
-            step = max(1, min(batch_size, MAX_CALL_BYTES // (4 * max(1, per_image.call_bytes)),
-                              MAX_CALL_WORK // (4 * max(1, per_image.call_work))))
+        if not fixed and len(targets):  # one image first: what a call costs per image
+            runner(to_tensor(images_uint8[:1], mean, std))
+            meter = runner.meter
+            step = max(1, min(batch_size, MAX_CALL_BYTES // (4 * max(1, meter.call_bytes)),
+                              MAX_CALL_WORK // (4 * max(1, meter.call_work))))
+        runner.work = runner.meter.work = work if work is not None else Work()
         for start in range(0, len(targets), step):
             x = to_tensor(images_uint8[start:start + step], mean, std)
             real = len(x)
@@ -711,14 +783,11 @@ def weights_mismatch(program: torch.export.ExportedProgram, weights: Any) -> str
     for tensor in handed.values():
         by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
 
-    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
-
     for name, tensor in program.state_dict.items():
         tensor = tensor.detach()
-        if name in handed and same(handed[name], tensor):
+        if name in handed and _same_values(handed[name], tensor):
             continue
-        if not any(same(other, tensor) for other in by_shape.get(tuple(tensor.shape), [])):
+        if not any(_same_values(other, tensor) for other in by_shape.get(tuple(tensor.shape), [])):
             return f"{name} {tuple(tensor.shape)}"
     return None
 

@@ -27,7 +27,8 @@ class Profile:
     reference_width: int = 16
     reference_epochs: int = 6
     seed: int = 0
-    # Training images the accuracy is measured on as well (the evaluated-on-train evidence).
+    # Training images the accuracy is measured on as well (the evaluated-on-train and
+    # learnt-the-test-set evidence), drawn at random for each grading.
     train_sample: int = 2000
     # Budgets of the notebook run (its definitions and the export only: nothing trains).
     cell_timeout_s: int = 120

@@ -8,8 +8,10 @@ reports (the candidates, the transforms) is evidence for the report, not a measu
 
 ``install`` adds to the harness's shims:
 
-* ``torchvision.datasets.CIFAR100`` serves a few random images and never downloads: the
-  kernel never sees the test set, its labels least of all;
+* ``torchvision.datasets.CIFAR100`` serves a few random images and never downloads or
+  reads the data root (the harness still mounts the data root, read-only, for the full
+  profile: CIFAR-100 is public, and the grader's measurement does not rely on the kernel
+  not knowing it);
 * ``transforms.Compose`` records what it was built from, so the report can say whether the
   test transform normalises as the training one does.
 """
