@@ -100,6 +100,7 @@ class LowComplexityLab:
         rebuilt = out or Path(tempfile.mkdtemp(prefix="slimgrade-verify-"))
         try:
             new = build_bundle(profile, rebuilt, data_root)["reference"]
+            write_bundle_hash(rebuilt)  # a kept rebuild is a bundle too
         finally:
             if out is None:
                 shutil.rmtree(rebuilt, ignore_errors=True)

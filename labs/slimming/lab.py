@@ -115,15 +115,14 @@ class SlimmingLab:
         import shutil
         import tempfile
 
-        from grader.bundles import content_hash
         from reference.bundle import build_bundle
         from reference.drift import compare_bundles, drift_table
 
         rebuilt = out or Path(tempfile.mkdtemp(prefix="slimgrade-verify-"))
         try:
             build_bundle(profile, rebuilt, data_root, device)
+            same = write_bundle_hash(rebuilt) == baseline.hash  # a kept rebuild is a bundle too
             rows = compare_bundles(baseline.path, rebuilt)
-            same = content_hash(rebuilt) == baseline.hash
         finally:
             if out is None:
                 shutil.rmtree(rebuilt, ignore_errors=True)
