@@ -124,7 +124,11 @@ class ReportSection(Protocol):
 
     def run_label(self, run_id: object) -> str: ...
 
-    def section(self, result: dict, out_dir: Path | None) -> str: ...
+    # The lab's templates; its ``section.html.j2`` is included in report.html, rendered by
+    # the page's own autoescaping environment with ``r`` bound to ``section_view(result)``.
+    templates: Any  # a jinja2 loader
+
+    def section_view(self, result: dict) -> dict: ...
 
 
 class Lab(Protocol):

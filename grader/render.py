@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
-from markupsafe import Markup
 
 from grader.files import write_atomically
 
@@ -110,7 +109,11 @@ def write_report(result: dict, out_dir: Path, report: ReportSection) -> Path:
 
 
 def report_html(result: dict, out_dir: Path | None, report: ReportSection) -> str:
-    return template_environment().get_template("report.html.j2").render(
+    """The page, with the lab's section included under ``lab/``: one autoescaping
+    environment renders both, so nothing a lab shows is marked safe."""
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(TEMPLATES)),
+                                  jinja2.PrefixLoader({"lab": report.templates})])
+    return template_environment(loader).get_template("report.html.j2").render(
         r=report_view(result, out_dir, report))
 
 
@@ -355,7 +358,7 @@ def report_view(result: dict, out_dir: Path | None, report: ReportSection) -> di
         "infos": [d for d in diagnoses if d["severity"] == "info"],
         "profile_changes": _profile_changes(result, report),
         "profile_notes": _profile_notes(result, failures, report, out_dir),
-        "section": _section(result, out_dir, report),
+        "section": _section(result, report),
         "runs": _runs(as_dict(result.get("metrics")), out_dir, report),
         "failures": failures,
         "handed_in": _handed_in(result),
@@ -364,14 +367,13 @@ def report_view(result: dict, out_dir: Path | None, report: ReportSection) -> di
     }
 
 
-def _section(result: dict, out_dir: Path | None, report: ReportSection) -> dict:
-    """The lab's sections: its fragment as markup (its template escaped what it shows), or
-    why it is not there. A lab's bug costs its sections, never the page."""
+def _section(result: dict, report: ReportSection) -> dict:
+    """What the lab's section shows, or why it is not there: a lab's bug in reading the
+    facts costs its section, never the page."""
     try:
-        fragment = report.section(result, out_dir)
+        return {"view": report.section_view(result), "error": ""}
     except Exception as error:  # noqa: BLE001 - the rest of the report is still worth having
-        return {"html": Markup(""), "error": text(f"{type(error).__name__}: {error}", 500)}
-    return {"html": Markup(fragment), "error": ""}
+        return {"view": None, "error": text(f"{type(error).__name__}: {error}", 500)}
 
 
 def _checks(result: dict) -> list[dict]:

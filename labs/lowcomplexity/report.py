@@ -15,13 +15,12 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from types import MappingProxyType
 
 import jinja2
 
 from grader.render import (NOT_AVAILABLE, as_dict, as_list, data_uri, fixed, number, pct, plain,
-                           template_environment, text)
+                           text)
 from labs.lowcomplexity.diagnoses import (FIGURE_WORDS, claim_check, describe_normalization,
                                           measured_figures, normalization)
 
@@ -61,12 +60,6 @@ def profile_summary(changes: dict) -> str:
 
 
 # ---------------------------------------------------------------- the section
-
-def section(result: dict, out_dir: Path | None = None) -> str:
-    """The lab's sections of report.html: an HTML fragment, escaped by its template."""
-    environment = template_environment(jinja2.PackageLoader("labs.lowcomplexity", "templates"))
-    return environment.get_template("section.html.j2").render(r=section_view(result))
-
 
 def section_view(result: dict) -> dict:
     """Everything the section shows, already made safe to read: plain strings and numbers."""
@@ -274,7 +267,8 @@ class LowComplexityReport:
 
     run_label = staticmethod(run_label)
     profile_summary = staticmethod(profile_summary)
-    section = staticmethod(section)
+    templates = jinja2.PackageLoader("labs.lowcomplexity", "templates")
+    section_view = staticmethod(section_view)
     class_plot = staticmethod(class_plot)
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from types import MappingProxyType
 
 import jinja2
 
 from grader.render import (DETAIL_CHARS, NOT_AVAILABLE, as_dict, as_list, compact, data_uri,
                            fixed, fraction, general, int_list, number, pct, plain,
-                           template_environment, text)
+                           text)
 from reference import plots
 
 STAGES = ("sparsity_train", "vggprune", "train_prune_model", "chained", "report")
@@ -85,11 +84,6 @@ def profile_summary(changes: dict) -> str:
 
 # ---------------------------------------------------------------- the section
 
-def section(result: dict, out_dir: Path | None = None) -> str:
-    """The lab's sections of report.html: an HTML fragment, escaped by its template."""
-    return _environment().get_template("section.html.j2").render(r=section_view(result))
-
-
 def section_view(result: dict) -> dict:
     """Everything the section shows, already made safe to read: plain strings and numbers."""
     metrics = as_dict(as_dict(result).get("metrics"))
@@ -100,9 +94,6 @@ def section_view(result: dict) -> dict:
         "accuracy_rows": _accuracy_rows(metrics),
     }
 
-
-def _environment() -> jinja2.Environment:
-    return template_environment(jinja2.PackageLoader("labs.slimming", "templates"))
 
 
 # ---------------------------------------------------------------- sparsity
@@ -319,7 +310,8 @@ class SlimmingReport:
 
     run_label = staticmethod(run_label)
     profile_summary = staticmethod(profile_summary)
-    section = staticmethod(section)
+    templates = jinja2.PackageLoader("labs.slimming", "templates")
+    section_view = staticmethod(section_view)
 
 
 REPORT = SlimmingReport()
